@@ -1,0 +1,1 @@
+"""Data generation: sources, the teacher, geometry and the Ray pipeline that writes WebDataset shards."""
