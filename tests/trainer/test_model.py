@@ -1,0 +1,212 @@
+"""BP-Net re-implementation: exact checkpoint layout, loading, forward on edge cases, component maths."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.model import (
+    MODEL_PRESETS,
+    MULTISCALE_WEIGHTS,
+    BPNet,
+    KernelHead,
+    ModelConfig,
+    WeightedPool,
+    backproject,
+    build_model,
+    config_from_dict,
+    load_original_checkpoint,
+    model_config_dict,
+    normalize_rgb,
+    register_model,
+)
+
+TSV = Path(__file__).resolve().parents[3] / "shared" / "bpnet_state_dict.tsv"
+
+
+def read_tsv():
+    if not TSV.exists():
+        pytest.skip(f"reference layout {TSV} is not beside the repository")
+    rows = [line.rstrip("\n").split("\t") for line in TSV.read_text().splitlines()[1:] if line.strip()]
+    return {name: (() if shape == "scalar" else tuple(int(s) for s in shape.split("x")), kind)
+            for name, shape, kind in rows}
+
+
+def shape_of(t):
+    return tuple(t.shape)
+
+
+def inputs(B=1, H=64, W=96, n_points=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rgb = normalize_rgb(torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8))
+    sparse = torch.zeros(B, 1, H, W)
+    flat = torch.randperm(H * W, generator=g)[:n_points]
+    sparse.view(B, -1)[:, flat] = 2 + 60 * torch.rand(B, n_points, generator=g)
+    K = torch.tensor([[60.0, 0, W / 2 - 0.5], [0, 60.0, H / 2 - 0.5], [0, 0, 1]]).expand(B, 3, 3).clone()
+    return rgb, sparse, K
+
+
+@pytest.fixture(scope="module")
+def bpnet():
+    return build_model("bpnet")
+
+
+def test_bpnet_layout_equals_original(bpnet):
+    ref = read_tsv()
+    sd = bpnet.state_dict()
+    assert list(sd) == list(ref)  # same names, same order
+    assert {k: shape_of(v) for k, v in sd.items()} == {k: s for k, (s, _) in ref.items()}
+    params = dict(bpnet.named_parameters())
+    assert {k for k, (_, kind) in ref.items() if kind == "param"} == set(params)
+    assert sum(p.numel() for p in bpnet.parameters()) == 89_873_730
+    assert sum(int(np.prod(s)) for s, kind in ref.values() if kind == "param") == 89_873_730
+
+
+def test_original_checkpoint_form_loads_strict(bpnet, tmp_path):
+    read_tsv()
+    probes = ("conv_img.0.conv.conv.weight", "pred5.wpool.permute.conv.2.bias", "pred0.cspn.convct.1.conv.conv.bias",
+              "layer3_img.1.bn2.running_var", "pred2.fuse.decoder.2.upf.bn.num_batches_tracked")
+    g = torch.Generator().manual_seed(0)
+    saved = {}
+    with torch.no_grad():
+        for name in probes:
+            t = bpnet.state_dict()[name]
+            t.copy_(torch.randint(1, 100, t.shape, generator=g))
+            saved[name] = t.clone()
+    # the original trainer's result_ema.pth, with DDP's prefix for good measure
+    sd = {"module." + k: v for k, v in bpnet.state_dict().items()}
+    path = tmp_path / "result_ema.pth"
+    torch.save({"net": sd, "epoch": 3, "best_metric_ema": 0.7}, path)
+    with torch.no_grad():
+        for name in probes:
+            bpnet.state_dict()[name].zero_()
+    load_original_checkpoint(bpnet, path)
+    for name in probes:
+        assert torch.equal(bpnet.state_dict()[name], saved[name])
+    del sd["module.pred0.conv.bias"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="pred0.conv.bias"):
+        load_original_checkpoint(bpnet, path)
+
+
+def test_tiny_forward_shapes_finite_and_backward():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    rgb, sparse, K = inputs()
+    out = model(rgb, sparse, K)
+    assert len(out) == 6 and all(o.shape == (1, 1, 64, 96) for o in out)
+    assert all(torch.isfinite(o).all() for o in out)
+    loss = sum(w * (o - 10).abs().mean() for w, o in zip(MULTISCALE_WEIGHTS, out, strict=True))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("n_points", [0, 1])
+def test_forward_survives_few_points(n_points):
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        out = model(*inputs(B=2, n_points=n_points))
+    assert all(o.shape == (2, 1, 64, 96) and torch.isfinite(o).all() for o in out)
+
+
+def test_batch_items_are_independent_in_eval():
+    # float64: an untrained net amplifies float32 rounding (which differs with the batch size) too much
+    torch.manual_seed(0)
+    model = build_model("tiny").double().eval()
+    rgb, sparse, K = (t.double() for t in inputs(B=2, n_points=80, seed=1))
+    K[1, 0, 0] = 75.0
+    with torch.no_grad():
+        both = model(rgb, sparse, K)
+        one = model(rgb[1:], sparse[1:], K[1:])
+    for a, b in zip(both, one, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a[1:], b, rtol=1e-9, atol=1e-9)
+
+
+def test_rejects_sizes_not_multiple_of_32():
+    with pytest.raises(ValueError):
+        build_model("tiny")(*inputs(H=48, W=96))
+
+
+def test_weighted_pool_is_a_convex_combination_per_cell():
+    torch.manual_seed(0)
+    pool = WeightedPool(4, level=2, drift=1e6).eval()
+    sparse = torch.zeros(1, 1, 8, 8)
+    sparse[0, 0, 1, 2] = 5.0  # cell (0, 0): one point -> its depth
+    sparse[0, 0, 4, 4], sparse[0, 0, 7, 6] = 10.0, 20.0  # cell (1, 1): two points -> between them
+    with torch.no_grad():
+        out = pool(sparse, torch.randn(1, 4, 2, 2))
+    assert out.shape == (1, 1, 2, 2)
+    # only the original's 1e-6 in the denominator keeps it from being exact
+    assert out[0, 0, 0, 0].item() == pytest.approx(5.0, rel=1e-4)
+    assert 10.0 < out[0, 0, 1, 1].item() < 20.0
+    assert out[0, 0, 0, 1].item() == 0.0 and out[0, 0, 1, 0].item() == 0.0
+
+
+def test_backproject_inverts_projection_at_integer_pixels():
+    K = torch.tensor([[[100.0, 0, 31.5], [0, 90.0, 20.25], [0, 0, 1]]])
+    depth = torch.rand(1, 1, 6, 8) * 10 + 1
+    xx, yy = torch.meshgrid(torch.arange(8), torch.arange(6), indexing="xy")
+    pts = backproject(depth, K, xx, yy).view(3, 6, 8)
+    u = K[0, 0, 0] * pts[0] / pts[2] + K[0, 0, 2]
+    v = K[0, 1, 1] * pts[1] / pts[2] + K[0, 1, 2]
+    torch.testing.assert_close(u, xx.float())
+    torch.testing.assert_close(v, yy.float())
+    torch.testing.assert_close(pts[2], depth[0, 0])
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_kernel_head_weights_sum_to_one_with_centre_in_the_middle(k):
+    head = KernelHead(4, k).eval()
+    torch.nn.init.ones_(head.conv[1].conv.bn.weight)
+    with torch.no_grad():
+        w = head(torch.randn(2, 4, 5, 5))
+        raw = head.conv(torch.randn(1, 4, 5, 5))
+    assert w.shape == (2, k * k, 5, 5)
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 5, 5))
+    # the k*k-1 off-centre weights have absolute sum < 1 (normalised), so the centre stays positive
+    off = torch.cat([w[:, : k * k // 2], w[:, k * k // 2 + 1:]], 1)
+    assert torch.all(off.abs().sum(1) <= 1 + 1e-6) and raw.shape[1] == k * k - 1
+
+
+def test_presets_config_round_trip_and_registry():
+    assert MULTISCALE_WEIGHTS == tuple(4.0 ** -(5 - i) for i in range(6))
+    for cfg in MODEL_PRESETS.values():
+        assert config_from_dict(json.loads(json.dumps(model_config_dict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        config_from_dict({**model_config_dict(MODEL_PRESETS["tiny"]), "attention_heads": 4})
+    model = build_model("tiny")
+    rebuilt = build_model(json.loads(json.dumps(model_config_dict(model))))
+    assert rebuilt.config == model.config == MODEL_PRESETS["tiny"]
+    assert {k: shape_of(v) for k, v in rebuilt.state_dict().items()} == {
+        k: shape_of(v) for k, v in model.state_dict().items()}
+    register_model("tiny-deep-cspn", ModelConfig(**{**model_config_dict(MODEL_PRESETS["tiny"]),
+                                                     "cspn_iters": (4,) * 6}))
+    m = build_model("tiny-deep-cspn")
+    assert isinstance(m, BPNet) and m.pred0.cspn.iters == 4
+
+
+def test_tiny_checkpoint_round_trip_gives_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    a = build_model("tiny").eval()
+    for p in a.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    torch.save({"net": a.state_dict()}, tmp_path / "ckpt.pth")
+    b = load_original_checkpoint(build_model("tiny"), tmp_path / "ckpt.pth").eval()
+    x = inputs(n_points=40)
+    with torch.no_grad():
+        for oa, ob in zip(a(*x), b(*x), strict=True):
+            assert torch.equal(oa, ob)
+
+
+def test_normalize_rgb_matches_the_original_formula():
+    rgb = torch.tensor([[[[0]], [[128]], [[255]]]], dtype=torch.uint8)
+    out = normalize_rgb(rgb)
+    expected = [(0 - 90.9950) / 79.2382, (128 - 96.2278) / 80.5267, (255 - 94.3213) / 82.1483]
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.flatten().numpy(), np.float32(expected), rtol=0, atol=0)

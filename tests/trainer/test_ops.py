@@ -1,0 +1,151 @@
+"""The two BP-Net ops against plain references written here, loop by loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.ops import knn4, local_conv
+
+
+def reference_knn4(sparse: np.ndarray):
+    """The original CUDA kernel's rule, literally: scan points in row-major order, insert a point before
+    the first kept entry whose distance is >= its own, keep 4; repeat the last found to fill."""
+    H, W = sparse.shape
+    pts = [(x, y) for y in range(H) for x in range(W) if sparse[y, x] > 1e-3]
+    idx = np.zeros((4, H * W), dtype=np.int64)
+    off = np.zeros((2, 4, H * W), dtype=np.float32)
+    for y in range(H):
+        for x in range(W):
+            best, arg = [1e20] * 4, [0] * 4
+            for m, (px, py) in enumerate(pts):
+                d = (px - x) ** 2 + (py - y) ** 2
+                for i in range(4):
+                    if best[i] >= d:
+                        best.insert(i, d)
+                        arg.insert(i, m)
+                        best, arg = best[:4], arg[:4]
+                        break
+            for i in range(4):
+                if best[i] >= 1e20:
+                    arg[i] = arg[i - 1]
+            for i in range(4):
+                px, py = pts[arg[i]]
+                idx[i, y * W + x] = py * W + px
+                off[:, i, y * W + x] = (px - x, py - y)
+    return idx, off
+
+
+def sparse_map(H, W, coords, rng=None):
+    s = np.zeros((H, W), dtype=np.float32)
+    for y, x in coords:
+        s[y, x] = 1.0 + (rng.random() * 50 if rng is not None else y + x)
+    return s
+
+
+def cases():
+    rng = np.random.default_rng(0)
+    H, W = 12, 17
+    many = [(int(y), int(x)) for y, x in zip(*np.nonzero(rng.random((H, W)) < 0.2), strict=True)]
+    # a regular lattice and a symmetric cross: almost every pixel sees exact ties at its 4th distance
+    lattice = [(y, x) for y in range(0, H, 3) for x in range(1, W, 3)]
+    cross = [(6, 8), (0, 8), (11, 8), (6, 0), (6, 16), (3, 8), (9, 8), (6, 5), (6, 11)]
+    # 12 points at squared distance 25 from the centre (more ties than a first k=8 KD-tree query holds)
+    ring = [(6 + dy, 6 + dx) for dy in range(-5, 6) for dx in range(-5, 6) if dy * dy + dx * dx == 25]
+    return {
+        "ring_ties": (13, 13, ring),
+        "one": (H, W, [(5, 7)]),
+        "three": (H, W, [(0, 0), (11, 16), (4, 9)]),
+        "four_borders": (H, W, [(0, 0), (0, 16), (11, 0), (11, 16)]),
+        "many": (H, W, many),
+        "lattice_ties": (H, W, lattice),
+        "cross_ties": (H, W, cross),
+        "dense": (5, 6, [(y, x) for y in range(5) for x in range(6)]),
+    }
+
+
+@pytest.mark.parametrize("name", list(cases()))
+@pytest.mark.parametrize("method", ["kdtree", "brute"])
+def test_knn4_matches_reference(name, method):
+    H, W, coords = cases()[name]
+    s = sparse_map(H, W, coords, np.random.default_rng(1))
+    ref_idx, ref_off = reference_knn4(s)
+    idx, off = knn4(torch.from_numpy(s)[None, None], method=method, chunk_elems=37)  # many small chunks
+    assert idx.shape == (1, 4, H * W) and off.shape == (1, 2, 4, H * W)
+    np.testing.assert_array_equal(idx[0].numpy(), ref_idx)
+    np.testing.assert_array_equal(off[0].numpy(), ref_off)
+
+
+def test_knn4_ties_go_to_later_point():
+    # four points at squared distance 1 around pixel (2, 2) and one at 2; among ties the later
+    # (row-major) point comes first.
+    s = np.zeros((5, 5), dtype=np.float32)
+    for y, x in [(1, 2), (2, 1), (2, 3), (3, 2), (1, 1)]:
+        s[y, x] = 5.0
+    idx, _ = knn4(torch.from_numpy(s)[None, None])
+    got = idx[0, :, 2 * 5 + 2].tolist()
+    # distance 1: (1,2)=7, (2,1)=11, (2,3)=13, (3,2)=17 -> later first: 17, 13, 11, 7; (1,1) at 2 is out
+    assert got == [17, 13, 11, 7]
+
+
+def test_knn4_zero_points_and_batch_and_threshold():
+    s = torch.zeros(2, 1, 4, 6)
+    s[1, 0, 2, 3] = 2.0
+    s[1, 0, 0, 0] = 1e-3  # not valid: the original's threshold is strictly above 1e-3
+    for method in ("kdtree", "brute"):
+        idx, off = knn4(s, method=method)
+        np.testing.assert_array_equal(idx[0].numpy(), np.tile(np.arange(24), (4, 1)))
+        assert torch.all(off[0] == 0)
+        assert torch.all(idx[1] == 2 * 6 + 3)
+        q = torch.arange(24)
+        assert torch.equal(off[1, 0, 0], (3 - q % 6).float()) and torch.equal(off[1, 1, 3], (2 - q // 6).float())
+
+
+def test_knn4_kdtree_equals_brute_on_random_maps():
+    rng = np.random.default_rng(3)
+    s = (rng.random((3, 1, 24, 40)) < np.array([0.01, 0.05, 0.3])[:, None, None, None]).astype(np.float32)
+    s = torch.from_numpy(s * 10)
+    a = knn4(s, method="kdtree")
+    b = knn4(s, method="brute", chunk_elems=1000)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def reference_local_conv(x, w, k):
+    B, C, H, W = x.shape
+    r = k // 2
+    out = torch.zeros_like(x)
+    for b in range(B):
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    acc = 0.0
+                    for u in range(k):
+                        for v in range(k):
+                            ii, jj = i + u - r, j + v - r
+                            if 0 <= ii < H and 0 <= jj < W:
+                                acc += x[b, c, ii, jj] * w[b, c * k * k + u * k + v, i, j]
+                    out[b, c, i, j] = acc
+    return out
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_local_conv_matches_loop(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 2 * k * k, 5, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(local_conv(x, w, k), reference_local_conv(x, w, k), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local_conv(x, w), reference_local_conv(x, w, k), rtol=1e-12, atol=1e-12)
+    cols = torch.nn.functional.unfold(x, k, padding=k // 2).view(2, 2, k * k, 5, 6)  # the original's definition
+    torch.testing.assert_close(local_conv(x, w, k), (cols * w.view(2, 2, k * k, 5, 6)).sum(2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_local_conv_gradcheck(k):
+    g = torch.Generator().manual_seed(10 + k)
+    x = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2 * k * k, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: local_conv(a, b, k), (x, w))
+
+
+def test_local_conv_rejects_bad_layout():
+    with pytest.raises(ValueError):
+        local_conv(torch.zeros(1, 2, 4, 4), torch.zeros(1, 9, 4, 4), 3)

@@ -1,0 +1,1 @@
+"""Depth-completion trainer: BP-Net, losses, metrics, the pre-training and fine-tuning loops."""
