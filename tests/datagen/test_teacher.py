@@ -1,0 +1,234 @@
+"""The teacher against transformers' own pipeline, with a tiny random Depth Anything saved to disk."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it
+
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from datagen.teacher import (  # noqa: E402
+    DepthTeacher,
+    OracleTeacher,
+    TeacherUnavailable,
+    make_teacher,
+    resolve_teacher,
+)
+
+# sizes chosen so that the processor (56 px target, multiples of 14, aspect kept) gives several tensor
+# sizes, and two images of different sizes share one tensor size (37x61 and 40x64 -> 28x56)
+SIZES = [(37, 61), (40, 64), (56, 56), (30, 90), (61, 37), (37, 61), (23, 29)]
+
+
+@pytest.fixture(scope="module")
+def tiny_da(tmp_path_factory):
+    """A tiny randomly initialised Depth Anything plus a V2-style processor, saved with save_pretrained."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, intermediate_size=64, out_indices=[1, 2, 3, 4],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    with torch.no_grad():
+        # HF's 0.02-std init makes a tiny net output ~0 everywhere (and the final ReLU clips it);
+        # re-initialise so the disparity varies over the image and the comparisons below mean something
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
+                m.reset_parameters()
+        model.head.conv3.weight.mul_(10.0)
+        model.head.conv3.bias.fill_(2.0)
+    # what Depth-Anything-V2-*-hf ship, with a 56 px target instead of 518 to stay fast
+    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                                     resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                                     do_pad=False)
+    path = tmp_path_factory.mktemp("tiny_da")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_da):
+    return DepthTeacher(str(tiny_da), device="cpu", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in SIZES:
+        # smooth ramps plus noise: something with structure for the model to respond to
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], axis=-1)
+        out.append(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_output_shape_dtype_finite(teacher, images):
+    out = teacher.predict(images)
+    assert len(out) == len(images)
+    for img, d in zip(images, out, strict=True):
+        assert d.shape == img.shape[:2]
+        assert d.dtype == np.float32
+        assert np.isfinite(d).all()
+        assert d.std() > 1e-3 * np.abs(d).max()  # not a constant map: the model saw the image
+    assert teacher.predict([]) == []
+
+
+def test_batched_equals_one_by_one(tiny_da, teacher, images):
+    single = DepthTeacher(str(tiny_da), device="cpu", batch_size=1)
+    one_by_one = [single.predict([img])[0] for img in images]
+    # batch_size 2: the 28x56 group (three images, two image sizes) runs one full batch and one leftover
+    batched = teacher.predict(images)
+    for a, b in zip(batched, one_by_one, strict=True):
+        assert a.shape == b.shape
+        assert rel_diff(a, b) < 1e-5
+    # different images give different maps: guards against results landing at the wrong index
+    assert rel_diff(batched[0], batched[5]) > 1e-3
+
+
+def test_equals_transformers_pipeline(tiny_da, teacher, images):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
+
+    pipe = pipeline("depth-estimation", model=AutoModelForDepthEstimation.from_pretrained(tiny_da),
+                    image_processor=AutoImageProcessor.from_pretrained(tiny_da), device="cpu")
+    ours = teacher.predict(images)
+    for img, d in zip(images, ours, strict=True):
+        ref = pipe(Image.fromarray(img))["predicted_depth"]  # already resized to the image by the pipeline
+        ref = ref.detach().float().numpy()
+        assert ref.shape == img.shape[:2]
+        assert rel_diff(d, ref) < 1e-4
+
+
+def test_processor_is_v2_like(teacher, images):
+    # the net really ran at a multiple-of-14 size with the aspect ratio kept, then came back to the image
+    px = teacher.processor(images=[images[3]], return_tensors=None, input_data_format="channels_last")
+    assert tuple(px["pixel_values"][0].shape) == (3, 14, 56)  # 30x90 -> 56 px wide, 18.7 -> 14 rows
+
+
+def test_info(teacher, tiny_da):
+    info = teacher.info()
+    assert info["model"] == str(tiny_da.resolve())
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert teacher.model_id == info["model"] and teacher.revision == info["revision"]
+
+
+def test_rejects_bad_images(teacher):
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        teacher.predict([np.zeros((8, 8), np.uint8)])
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        teacher.predict([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_unknown_hub_id_offline_fails_fast_with_instructions():
+    t0 = time.perf_counter()
+    with pytest.raises(TeacherUnavailable) as e:
+        resolve_teacher("some-org-that-does-not-exist/nonexistent-depth-model")
+    msg = str(e.value)
+    assert "download some-org-that-does-not-exist/nonexistent-depth-model" in msg  # hf / huggingface-cli
+    assert "--teacher" in msg
+    assert time.perf_counter() - t0 < 10  # generous: a network probe would hang far longer offline
+
+
+def test_constructor_checks_before_loading():
+    with pytest.raises(TeacherUnavailable, match="--teacher"):
+        DepthTeacher("some-org-that-does-not-exist/nonexistent-depth-model", device="cpu")
+
+
+def test_local_dir_without_config_names_the_path(tmp_path):
+    empty = tmp_path / "my_weights"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TeacherUnavailable) as e:
+        resolve_teacher(str(empty))
+    assert str(empty) in str(e.value) and "config.json" in str(e.value)
+
+
+def test_missing_local_path_names_the_path(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(TeacherUnavailable, match=str(missing)):
+        resolve_teacher(str(missing))
+
+
+def test_resolve_local_dir_and_oracle(tiny_da):
+    assert resolve_teacher(str(tiny_da)) == str(tiny_da.resolve())
+    assert resolve_teacher("oracle") == "oracle"
+
+
+def test_make_teacher_dispatch(tiny_da):
+    oracle = make_teacher("oracle", device="cpu", batch_size=2)
+    assert isinstance(oracle, OracleTeacher)
+    assert oracle.info()["model"] == "oracle"
+    with pytest.raises(TypeError):
+        oracle.predict([np.zeros((4, 4, 3), np.uint8)])
+    assert isinstance(make_teacher(str(tiny_da), device="cpu"), DepthTeacher)
+
+
+def test_oracle_delegates_to_synthetic(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def fake_oracle(depth_m, rng):
+        calls.append((depth_m, rng))
+        return (1.0 / depth_m).astype(np.float32)
+
+    # stand-in module: the real datagen.synthetic is another engineer's; the teacher only delegates to it
+    fake = types.ModuleType("datagen.synthetic")
+    fake.oracle_teacher = fake_oracle
+    monkeypatch.setitem(sys.modules, "datagen.synthetic", fake)
+    depth_m = np.full((3, 4), 2.0)
+    rng = np.random.default_rng(1)
+    out = OracleTeacher().predict_from_depth(depth_m, rng)
+    assert calls and calls[0][0] is depth_m and calls[0][1] is rng
+    np.testing.assert_array_equal(out, np.full((3, 4), 0.5, np.float32))
+
+
+def fake_hub_cache(root, repo_id: str, src, files) -> str:
+    """Lay `files` from `src` out as huggingface_hub's cache does for `repo_id`; returns the commit hash."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_bytes((src / name).read_bytes())
+    return commit
+
+
+def test_cached_hub_id_loads_offline_with_revision(tiny_da, teacher, images, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    files = ["config.json", "preprocessor_config.json", "model.safetensors"]
+    commit = fake_hub_cache(tmp_path, "tiny-org/tiny-da", tiny_da, files)
+    assert resolve_teacher("tiny-org/tiny-da") == "tiny-org/tiny-da"
+    cached = DepthTeacher("tiny-org/tiny-da", device="cpu")
+    assert cached.info()["model"] == "tiny-org/tiny-da" and cached.revision == commit
+    np.testing.assert_array_equal(cached.predict(images[:2])[1], teacher.predict(images[:2])[1])
+
+
+def test_partly_cached_hub_id_is_unavailable(tiny_da, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    fake_hub_cache(tmp_path, "tiny-org/no-weights", tiny_da, ["config.json", "preprocessor_config.json"])
+    with pytest.raises(TeacherUnavailable, match="download tiny-org/no-weights"):
+        resolve_teacher("tiny-org/no-weights")
