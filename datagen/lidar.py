@@ -1,0 +1,478 @@
+"""Simulated LiDAR: scan patterns, the sensor mount, ray casting against a mesh, projection to sparse depth.
+
+LiDAR frame: x right, y down, z forward, like the camera, so the identity mount means a sensor at the
+camera centre, aligned with it. A ray of elevation e (degrees, positive = up = -y) and azimuth a
+(degrees about the vertical axis, 0 = forward = +z, positive towards +x = right) has the direction
+    (cos e sin a, -sin e, cos e cos a).
+A spinning sensor sweeps 360 degrees, but only what the camera sees can become sparse depth, so only
+azimuths inside the camera's horizontal field of view (as seen from the LiDAR, plus a parallax margin)
+are cast: the rest would be thrown away by the projection anyway.
+
+Mount: p_cam = R_cam_from_lidar @ p_lidar + t_cam_from_lidar; t is the LiDAR origin in camera
+coordinates (metres). KITTI's Velodyne sits ~0.08 m above and ~0.27 m behind colour camera 2 and
+~0.06 m to its right, so t ~ (0.06, -0.08, -0.27).
+
+Speed: the cost of Open3D's RaycastingScene is its BVH build, linear in the triangles (~0.3 s for the
+612k triangles of a 640 x 480 grid mesh on one core), while the rays are cheap. A spinning pattern hits
+only triangles whose angular extent, seen from the sensor, contains one of its ring elevations and one
+of its azimuth samples, so `simulate_scan` builds the BVH over those alone (`cull=True`). The test is
+exact for azimuth (the azimuths of a triangle's points lie between its vertices' azimuths) and for
+elevation up to a small great-circle bulge (< 0.005 deg on triangles under 2 deg, covered by a 0.01 deg
+margin); triangles larger than 2 deg are always kept.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from datagen.mesh import Mesh, build_mesh
+from shared.camera import as_K, project
+
+# ----------------------------------------------------------------------------------------------------
+# Scan patterns
+
+
+@dataclass
+class LidarPattern:
+    """A scan pattern in the LiDAR frame.
+
+    Spinning sensors: one ring per entry of elevations_deg (ring index = position in that array), each
+    sampled every azimuth_step_deg. Other sensors (solid-state, line scan, a measured pattern) give
+    `directions` instead: unit vectors N x 3 in the LiDAR frame, with an optional label per direction
+    in `direction_ring` (e.g. the scan line); elevations_deg is then informative only.
+    """
+
+    name: str
+    elevations_deg: np.ndarray
+    azimuth_step_deg: float
+    directions: np.ndarray | None = None
+    direction_ring: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.elevations_deg = np.asarray(self.elevations_deg, dtype=np.float64).ravel()
+        if self.directions is not None:
+            d = np.asarray(self.directions, dtype=np.float64).reshape(-1, 3)
+            self.directions = d / np.linalg.norm(d, axis=1, keepdims=True)
+            if self.direction_ring is None:
+                self.direction_ring = np.full(len(d), -1, np.int32)
+            self.direction_ring = np.asarray(self.direction_ring, dtype=np.int32).ravel()
+        elif self.azimuth_step_deg <= 0 or len(self.elevations_deg) == 0:
+            raise ValueError(f"pattern {self.name!r}: need rings and an azimuth step > 0")
+
+    @property
+    def n_rings(self) -> int:
+        return len(self.elevations_deg)
+
+    @property
+    def spinning(self) -> bool:
+        return self.directions is None
+
+    def rays(self, az_lo_deg: float, az_hi_deg: float, phase_deg: float = 0.0,
+             el_lo_deg: float = -90.0, el_hi_deg: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
+        """Unit directions (N x 3, LiDAR frame) and ring index (N,) of the rays inside an angular window.
+
+        Spinning patterns fire at azimuths phase + k * step (the phase is where the sweep happens to
+        start relative to the image; it is random per scan in a real rig).
+        """
+        if not self.spinning:
+            d = self.directions
+            az, el = _azimuth_deg(d), _elevation_deg(d)
+            m = (az >= az_lo_deg) & (az <= az_hi_deg) & (el >= el_lo_deg) & (el <= el_hi_deg)
+            return d[m], self.direction_ring[m]
+        step = self.azimuth_step_deg
+        k = np.arange(math.ceil((az_lo_deg - phase_deg) / step), math.floor((az_hi_deg - phase_deg) / step) + 1)
+        az = np.radians(phase_deg + k * step)
+        rings = np.flatnonzero((self.elevations_deg >= el_lo_deg) & (self.elevations_deg <= el_hi_deg))
+        el = np.radians(self.elevations_deg[rings])
+        ce, se = np.cos(el)[:, None], np.sin(el)[:, None]
+        d = np.stack(np.broadcast_arrays(ce * np.sin(az)[None], -se, ce * np.cos(az)[None]), -1).reshape(-1, 3)
+        ring = np.repeat(rings.astype(np.int32), len(az))
+        return d, ring
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "rings": self.n_rings, "elevations_deg": self.elevations_deg.round(4).tolist(),
+               "azimuth_step_deg": float(self.azimuth_step_deg)}
+        if not self.spinning:
+            out["n_directions"] = len(self.directions)
+        return out
+
+
+def _azimuth_deg(d: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arctan2(d[..., 0], d[..., 2]))
+
+
+def _elevation_deg(d: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arctan2(-d[..., 1], np.hypot(d[..., 0], d[..., 2])))
+
+
+# Velodyne HDL-64E S2 (KITTI): two blocks of 32 lasers. Upper block +2.0 to -8.33 deg (1/3 deg apart),
+# lower block -8.83 to -24.8 deg (~1/2 deg apart): the datasheet's "+2 to -24.8, ~0.4 deg". Azimuth:
+# the datasheet gives 0.08-0.35 deg for 5-20 Hz; at KITTI's 10 Hz, ~1.33 M points/s over 64 lasers is
+# ~2080 firings per turn, 0.173 deg (and KITTI scans hold ~120k points, 64 x 2080 minus no-returns).
+_HDL64_ELEV = np.concatenate([np.linspace(2.0, -8.33, 32), np.linspace(-8.83, -24.8, 32)])
+# Velodyne VLP-32C (Ultra Puck): +15 to -25 deg, dense around the horizon (0.333 deg steps between about
+# +1.7 and -4.7 deg), sparse at the ends; values from the VLP-32C manual. 0.2 deg azimuth at 10 Hz.
+_VLP32_ELEV = np.array([15.0, 10.333, 7.0, 4.667, 3.333, 2.333, 1.667, 1.333, 1.0, 0.667, 0.333, 0.0,
+                        -0.333, -0.667, -1.0, -1.333, -1.667, -2.0, -2.333, -2.667, -3.0, -3.333, -3.667,
+                        -4.0, -4.667, -5.333, -6.148, -7.254, -8.843, -11.31, -15.639, -25.0])
+# Velodyne VLP-16 (Puck): +-15 deg every 2 deg, 0.2 deg azimuth at 10 Hz.
+_VLP16_ELEV = np.linspace(15.0, -15.0, 16)
+# Ouster OS1-128: 45 deg vertical field (+-22.5), uniform; 2048 columns per turn at 10 Hz (0.176 deg).
+_OS128_ELEV = np.linspace(22.5, -22.5, 128)
+
+LIDAR_PRESETS: dict[str, LidarPattern] = {
+    "hdl64": LidarPattern("hdl64", _HDL64_ELEV, 360.0 / 2083),
+    "vlp32": LidarPattern("vlp32", _VLP32_ELEV, 0.2),
+    "vlp16": LidarPattern("vlp16", _VLP16_ELEV, 0.2),
+    "os128": LidarPattern("os128", _OS128_ELEV, 360.0 / 2048),
+}
+
+# "random": drawn per sample for diversity of ring count, vertical coverage and density.
+RANDOM_RINGS = (8, 128)            # ring count, inclusive
+RANDOM_TOP_DEG = (0.0, 15.0)       # elevation of the top ring
+RANDOM_SPAN_DEG = (15.0, 45.0)     # top minus bottom ring
+RANDOM_GAMMA = (1.0, 1.6)          # > 1 packs rings towards the top, as real sensors do near the horizon
+RANDOM_AZ_STEP_DEG = (0.1, 0.4)    # azimuth resolution
+
+
+def random_pattern(rng: np.random.Generator) -> LidarPattern:
+    """A spinning pattern with ring count, vertical range, spacing and azimuth step drawn from rng."""
+    n = int(rng.integers(RANDOM_RINGS[0], RANDOM_RINGS[1] + 1))
+    top = rng.uniform(*RANDOM_TOP_DEG)
+    span = rng.uniform(*RANDOM_SPAN_DEG)
+    gamma = rng.uniform(*RANDOM_GAMMA)
+    step = rng.uniform(*RANDOM_AZ_STEP_DEG)
+    elev = top - span * np.linspace(0.0, 1.0, n) ** gamma
+    return LidarPattern("random", elev, float(step))
+
+
+def _parse_custom(body: str) -> LidarPattern:
+    """'rings=32,vfov=10:-30,az=0.2' (uniform rings from top to bottom) or 'elev=2:0:-2.5,az=0.2'."""
+    kv = {}
+    for part in filter(None, body.split(",")):
+        if "=" not in part:
+            raise ValueError(f"custom lidar: expected key=value, got {part!r}")
+        k, v = part.split("=", 1)
+        kv[k.strip()] = v.strip()
+    unknown = set(kv) - {"rings", "vfov", "az", "elev"}
+    if unknown:
+        raise ValueError(f"custom lidar: unknown keys {sorted(unknown)} (use rings, vfov, az, elev)")
+    az = float(kv.get("az", 0.2))
+    if "elev" in kv:
+        elev = np.array([float(x) for x in kv["elev"].split(":")])
+    else:
+        top, bottom = (float(x) for x in kv.get("vfov", "2:-24.8").split(":"))
+        elev = np.linspace(top, bottom, int(kv.get("rings", 32)))
+    return LidarPattern("custom", elev, az)
+
+
+def get_pattern(spec: str | LidarPattern, rng: np.random.Generator | None = None) -> LidarPattern:
+    """A pattern from a preset name, 'random' (needs rng) or 'custom:...' (see _parse_custom)."""
+    if isinstance(spec, LidarPattern):
+        return spec
+    spec = spec.strip()
+    if spec in LIDAR_PRESETS:
+        p = LIDAR_PRESETS[spec]
+        return LidarPattern(p.name, p.elevations_deg.copy(), p.azimuth_step_deg)
+    if spec == "random":
+        if rng is None:
+            raise ValueError("lidar pattern 'random' needs an rng")
+        return random_pattern(rng)
+    m = re.fullmatch(r"custom:(.*)", spec)
+    if m:
+        return _parse_custom(m.group(1))
+    raise ValueError(f"unknown lidar pattern {spec!r}: use {sorted(LIDAR_PRESETS)}, 'random' or 'custom:...'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mount
+
+
+@dataclass
+class Mount:
+    """Pose of the LiDAR in the camera frame: p_cam = R_cam_from_lidar @ p_lidar + t_cam_from_lidar."""
+
+    R_cam_from_lidar: np.ndarray = field(default_factory=lambda: np.eye(3))
+    t_cam_from_lidar: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def __post_init__(self) -> None:
+        self.R_cam_from_lidar = np.asarray(self.R_cam_from_lidar, dtype=np.float64).reshape(3, 3)
+        self.t_cam_from_lidar = np.asarray(self.t_cam_from_lidar, dtype=np.float64).reshape(3)
+
+    @staticmethod
+    def identity() -> Mount:
+        return Mount()
+
+    def to_dict(self) -> dict:
+        return {"R_cam_from_lidar": self.R_cam_from_lidar.tolist(), "t_cam_from_lidar": self.t_cam_from_lidar.tolist()}
+
+
+KITTI_MOUNT = Mount(np.eye(3), np.array([0.06, -0.08, -0.27]))
+
+
+def rotation_from_rotvec(rotvec: np.ndarray) -> np.ndarray:
+    """Rodrigues: rotation matrix of an axis-angle vector (radians)."""
+    r = np.asarray(rotvec, dtype=np.float64)
+    theta = float(np.linalg.norm(r))
+    if theta < 1e-15:
+        return np.eye(3)
+    k = r / theta
+    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(theta) * Kx + (1 - math.cos(theta)) * Kx @ Kx
+
+
+def sample_mount(rng: np.random.Generator, max_rot_deg: float = 1.0, p_above: float = 0.8) -> Mount:
+    """A plausible rig: the LiDAR 2-30 cm above the camera (below with probability 1 - p_above), up to
+    10 cm to either side and 30 cm behind to 5 cm ahead, rotated by up to max_rot_deg about each axis
+    (mounting and calibration error). Draw order: side, up/down, height, depth, rotation."""
+    above = rng.random() < p_above
+    height = rng.uniform(0.02, 0.30)
+    tx = rng.uniform(-0.10, 0.10)
+    tz = rng.uniform(-0.30, 0.05)
+    ty = -height if above else height
+    rotvec = np.radians(rng.uniform(-max_rot_deg, max_rot_deg, size=3))
+    return Mount(rotation_from_rotvec(rotvec), np.array([tx, ty, tz]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray casting
+
+
+def make_scene(mesh: Mesh, triangles: np.ndarray | None = None, nthreads: int = 1):
+    """An Open3D RaycastingScene over the mesh (or over a subset of its triangles)."""
+    import open3d as o3d
+
+    tris = mesh.triangles if triangles is None else triangles
+    scene = o3d.t.geometry.RaycastingScene(nthreads=nthreads)
+    if len(tris):
+        scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(mesh.vertices, np.float32)),
+                            o3d.core.Tensor(np.ascontiguousarray(tris, np.uint32)))
+    return scene
+
+
+def cast_rays(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int = 1) -> np.ndarray:
+    """Distance along each ray to the first hit (float64, inf on a miss), in units of |direction|.
+
+    mesh: a Mesh or a scene from make_scene (to reuse one BVH across calls). origins: 3 or N x 3.
+    nthreads=1 by default: the pipeline runs one image per core; pass 0 for all cores.
+    """
+    import open3d as o3d
+
+    scene = make_scene(mesh, nthreads=nthreads) if isinstance(mesh, Mesh) else mesh
+    d = np.asarray(directions, dtype=np.float32).reshape(-1, 3)
+    o = np.broadcast_to(np.asarray(origins, dtype=np.float32).reshape(-1, 3), d.shape)
+    if len(d) == 0:
+        return np.zeros(0)
+    rays = o3d.core.Tensor(np.ascontiguousarray(np.concatenate([o, d], axis=1)))
+    return scene.cast_rays(rays, nthreads=nthreads)["t_hit"].numpy().astype(np.float64)
+
+
+@dataclass
+class ScanResult:
+    """Returns of one simulated scan, camera frame. All arrays have one row per returned point."""
+
+    points_cam: np.ndarray      # N x 3 float64
+    ring: np.ndarray            # N int32, index into the pattern's rings (-1 for unlabelled directions)
+    range_m: np.ndarray         # N float64, measured range (noise included)
+    directions_cam: np.ndarray  # N x 3 float64, unit ray directions
+    origin_cam: np.ndarray      # 3, the LiDAR origin
+    n_rays: int                 # rays cast
+    n_triangles: int            # triangles in the BVH after culling
+
+
+def _camera_azimuth_window(K: np.ndarray, width: int, height: int, R: np.ndarray) -> tuple[float, float, float]:
+    """Azimuth range (degrees, LiDAR frame) of the image border's viewing directions, and the axis azimuth.
+
+    Angles are unwrapped around the optical axis's azimuth so a window never splits at +-180.
+    """
+    Kinv = np.linalg.inv(K)
+    us = np.linspace(-0.5, width - 0.5, 65)
+    vs = np.linspace(-0.5, height - 0.5, 65)
+    border = np.concatenate([np.stack([us, np.full_like(us, vs[0])], 1), np.stack([us, np.full_like(us, vs[-1])], 1),
+                             np.stack([np.full_like(vs, us[0]), vs], 1), np.stack([np.full_like(vs, us[-1]), vs], 1)])
+    d_cam = np.concatenate([border, np.ones((len(border), 1))], 1) @ Kinv.T
+    d_lid = d_cam @ R  # R^T d for row vectors
+    axis = (Kinv @ np.array([K[0, 2], K[1, 2], 1.0])) @ R
+    az0 = float(_azimuth_deg(axis))
+    rel = (_azimuth_deg(d_lid) - az0 + 180.0) % 360.0 - 180.0
+    return az0 + float(rel.min()), az0 + float(rel.max()), az0
+
+
+EL_EPS_DEG = 0.01   # covers the great-circle bulge of triangles under BIG_DEG (see module docstring)
+BIG_DEG = 2.0       # triangles with a larger angular extent are never culled
+
+
+def simulate_scan(mesh: Mesh, pattern: LidarPattern, mount: Mount, K: np.ndarray, width: int, height: int,
+                  rng: np.random.Generator, *, min_range_m: float = 0.5, max_range_m: float = 120.0,
+                  noise_std_m: float = 0.0, dropout: float = 0.0, az_margin_deg: float | None = None,
+                  cull: bool = True, nthreads: int = 1) -> ScanResult:
+    """Cast the pattern's rays (inside the camera's horizontal view) from the mount against the mesh.
+
+    A return needs a hit with min_range_m <= range <= max_range_m (before noise). Range noise is
+    Gaussian along the ray (noise_std_m); dropout removes each return with that probability (absorbing
+    or specular surfaces). az_margin_deg widens the camera's azimuth window: by default the largest
+    angle a point at min_range_m can be displaced by the mount offset, asin(|t| / min_range), + 0.5 deg.
+    Draw order (same rng, same scan): azimuth phase, noise (if any), dropout (if any).
+    """
+    K = as_K(K)
+    R, t = mount.R_cam_from_lidar, mount.t_cam_from_lidar
+    empty = ScanResult(np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0), np.zeros((0, 3)), t.copy(), 0, 0)
+    phase = float(rng.uniform(0.0, pattern.azimuth_step_deg)) if pattern.spinning else 0.0
+
+    lo, hi, az0 = _camera_azimuth_window(K, width, height, R)
+    if az_margin_deg is None:
+        az_margin_deg = math.degrees(math.asin(min(1.0, float(np.linalg.norm(t)) / min_range_m))) + 0.5
+    lo, hi = lo - az_margin_deg, hi + az_margin_deg
+    if mesh.n_triangles == 0:
+        return empty
+
+    # Angles of every vertex seen from the sensor, azimuth unwrapped around the camera's axis.
+    v_lid = (mesh.vertices.astype(np.float64) - t) @ R
+    v_az = ((_azimuth_deg(v_lid) - az0 + 180.0) % 360.0 - 180.0 + az0).astype(np.float32)
+    v_el = _elevation_deg(v_lid).astype(np.float32)
+    tris = mesh.triangles
+    # Column by column: numpy's min/max over a length-3 axis is several times slower.
+    cols = [np.ascontiguousarray(tris[:, i]) for i in range(3)]
+    a0, a1, a2 = (v_az[c] for c in cols)
+    az_min, az_max = np.minimum(np.minimum(a0, a1), a2), np.maximum(np.maximum(a0, a1), a2)
+    e0, e1, e2 = (v_el[c] for c in cols)
+    el_min, el_max = np.minimum(np.minimum(e0, e1), e2), np.maximum(np.maximum(e0, e1), e2)
+    if cull:
+        big = (az_max - az_min > BIG_DEG) | (el_max - el_min > BIG_DEG)
+        keep = (az_max >= lo) & (az_min <= hi)
+        if pattern.spinning:
+            ring_el = np.sort(pattern.elevations_deg)
+            has_ring = (np.searchsorted(ring_el, el_min - EL_EPS_DEG, "left")
+                        < np.searchsorted(ring_el, el_max + EL_EPS_DEG, "right"))
+            step = pattern.azimuth_step_deg
+            has_az = (np.floor((az_max + EL_EPS_DEG - phase) / step)
+                      >= np.ceil((az_min - EL_EPS_DEG - phase) / step))
+            keep &= has_ring & has_az
+        else:
+            d_el = _elevation_deg(pattern.directions)
+            keep &= (el_max >= d_el.min() - EL_EPS_DEG) & (el_min <= d_el.max() + EL_EPS_DEG)
+        keep |= big
+        tris = tris[keep]
+        if len(tris) == 0:
+            return empty
+        az_min, az_max, el_min, el_max = az_min[keep], az_max[keep], el_min[keep], el_max[keep]
+    # No ray outside the angular extent of the geometry can hit anything.
+    lo, hi = max(lo, float(az_min.min()) - EL_EPS_DEG), min(hi, float(az_max.max()) + EL_EPS_DEG)
+    d_lid, ring = pattern.rays(lo, hi, phase, float(el_min.min()) - EL_EPS_DEG, float(el_max.max()) + EL_EPS_DEG)
+    if len(d_lid) == 0:
+        return empty
+    d_cam = d_lid @ R.T
+    scene = make_scene(mesh, tris, nthreads=nthreads)
+    r = cast_rays(scene, t, d_cam, nthreads=nthreads)
+
+    ok = np.isfinite(r) & (r >= min_range_m) & (r <= max_range_m)
+    if noise_std_m > 0:
+        r = r + rng.normal(0.0, noise_std_m, size=len(r))
+    if dropout > 0:
+        ok &= rng.random(len(r)) >= dropout
+    ok &= r > 0
+    pts = t + r[ok, None] * d_cam[ok]
+    return ScanResult(pts, ring[ok], r[ok], d_cam[ok], t.copy(), len(d_cam), len(tris))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Projection to a sparse depth map
+
+
+def project_scan(points_cam: np.ndarray, K: np.ndarray, width: int, height: int, occlusion: str = "none", *,
+                 mesh: Mesh | None = None, depth_m: np.ndarray | None = None, tol_m: float = 0.05,
+                 tol_rel: float = 0.01, nthreads: int = 1) -> np.ndarray:
+    """Sparse depth (H x W float32, 0 = no point) from camera-frame points; each goes to its nearest pixel.
+
+    occlusion="none": no reasoning about what the camera can see. Points the LiDAR sees but the camera
+        does not (behind a foreground edge, because the sensors sit apart) are kept, as in real KITTI
+        scans. Only when two points land on one pixel is the nearer kept: a depth image holds one value.
+    occlusion="zbuffer": additionally drop points hidden from the camera: with `mesh`, a ray from the
+        camera centre towards each point that hits the mesh more than tol_m + tol_rel * distance before
+        it (exact); else with `depth_m`, the camera-visible depth map, a point deeper than the map at its
+        pixel by more than tol_m + tol_rel * map depth (pixels where the map is 0 keep their point).
+    """
+    K = as_K(K)
+    pts = np.asarray(points_cam, dtype=np.float64).reshape(-1, 3)
+    out = np.zeros((height, width), np.float32)
+    if len(pts) == 0:
+        return out
+    uv, z = project(pts, K)
+    with np.errstate(invalid="ignore"):
+        u = np.floor(uv[:, 0] + 0.5)
+        v = np.floor(uv[:, 1] + 0.5)
+        inside = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    pts, z = pts[inside], z[inside]
+    u, v = u[inside].astype(np.int64), v[inside].astype(np.int64)
+
+    if occlusion == "zbuffer":
+        if mesh is not None:
+            dist = np.linalg.norm(pts, axis=1)
+            frac = cast_rays(mesh, np.zeros(3), pts, nthreads=nthreads)  # in units of the point's distance
+            visible = frac * dist >= dist - (tol_m + tol_rel * dist)
+        elif depth_m is not None:
+            d = np.asarray(depth_m, dtype=np.float64)[v, u]
+            visible = (d <= 0) | ~np.isfinite(d) | (z <= d + tol_m + tol_rel * d)
+        else:
+            raise ValueError("occlusion='zbuffer' needs mesh= or depth_m=")
+        z, u, v = z[visible], u[visible], v[visible]
+    elif occlusion != "none":
+        raise ValueError(f"occlusion must be 'none' or 'zbuffer', got {occlusion!r}")
+
+    pix = v * width + u
+    order = np.lexsort((z, pix))  # by pixel, nearest first
+    pix, z = pix[order], z[order]
+    first = np.ones(len(pix), bool)
+    first[1:] = pix[1:] != pix[:-1]
+    out.ravel()[pix[first]] = z[first]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one call the pipeline makes per image
+
+
+def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Generator, *,
+                          pattern: str | LidarPattern = "hdl64", mount: Mount | str | None = None,
+                          mesh: str | Mesh = "grid", occlusion: str = "none", noise_std_m: float = 0.0,
+                          dropout: float = 0.0, min_range_m: float = 0.5, max_range_m: float = 120.0,
+                          mesh_kwargs: dict | None = None, nthreads: int = 1) -> tuple[np.ndarray, dict]:
+    """Dense depth -> mesh -> scan -> sparse depth (H x W float32, 0 = none), and what was drawn.
+
+    pattern: a preset name, 'random', 'custom:...' or a LidarPattern. mount: None (identity), 'random'
+    (sample_mount), 'kitti' (KITTI_MOUNT) or a Mount. mesh: 'grid', 'poisson' or a ready Mesh (e.g. the
+    synthetic world's exact geometry). occlusion='zbuffer' judges camera visibility by depth_m.
+    Draw order: pattern (if random), mount (if random), then the scan's own draws.
+    """
+    depth_m = np.asarray(depth_m, dtype=np.float32)
+    height, width = depth_m.shape
+    pat = get_pattern(pattern, rng)
+    if mount is None:
+        mnt = Mount.identity()
+    elif isinstance(mount, Mount):
+        mnt = mount
+    elif mount == "random":
+        mnt = sample_mount(rng)
+    elif mount == "kitti":
+        mnt = KITTI_MOUNT
+    else:
+        raise ValueError(f"mount must be None, a Mount, 'random' or 'kitti', got {mount!r}")
+    if isinstance(mesh, Mesh):
+        m, method = mesh, "given"
+    else:
+        m, method = build_mesh(depth_m, K, mesh, **(mesh_kwargs or {})), mesh
+    scan = simulate_scan(m, pat, mnt, K, width, height, rng, min_range_m=min_range_m, max_range_m=max_range_m,
+                         noise_std_m=noise_std_m, dropout=dropout, nthreads=nthreads)
+    sparse = project_scan(scan.points_cam, K, width, height, occlusion, depth_m=depth_m)
+    n_px = int(np.count_nonzero(sparse))
+    info = {"preset": pat.name, "rings": pat.n_rings, "azimuth_step_deg": float(pat.azimuth_step_deg),
+            "pattern": pat.to_dict(), "pose": mnt.to_dict(), "noise_std_m": float(noise_std_m),
+            "dropout": float(dropout), "min_range_m": float(min_range_m), "max_range_m": float(max_range_m),
+            "mesh": method, "n_triangles": int(m.n_triangles), "n_rays": int(scan.n_rays),
+            "n_hits": int(len(scan.range_m)), "n_points": n_px, "density": n_px / float(width * height),
+            "occlusion": occlusion}
+    return sparse, info
