@@ -1,0 +1,135 @@
+"""The procedural world (datagen.synthetic) as a source: no files, exact depth, exact K.
+
+Unlabelled (default): RGB + the scene's K + its exact depth (the `oracle` teacher reads it).
+Labelled (labelled=True): a KITTI-like sample: a simulated HDL-64 scan from KITTI's rig (LiDAR 0.08 m
+above, 0.27 m behind, 0.06 m right of the camera) with range noise and dropout as the sparse input,
+and the exact depth as GT: everywhere for gt="dense" (evaluation), or for gt="semi" only where
+accumulated-LiDAR GT would have it: no labels above a row drawn in 30-40% of the height, and random
+elliptic holes below it. Sky (depth 0) never has a label.
+
+Intrinsics: the image was rendered through the scene's K, so that K is the only true one; the
+source always reports it and forces self.intrinsics = "native" (--intrinsics random is ignored for
+synthetic; a resampled K would no longer match the pixels).
+
+Scene i of a job uses the seed SeedSequence([seed, i]) -> 63 bits, so --seed gives a new world and
+--limit N (count) takes scenes 0..N-1. Everything below is a pure function of that scene seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import InputError, Item, Record, Source, make_key
+
+FAMILIES = ("street", "room")
+DEFAULT_SIZE = {"street": (608, 192), "room": (256, 192)}  # W, H: multiples of 32; KITTI-like / NYU-like aspect
+SEMI_TOP_FRACTION = (0.30, 0.40)  # no GT above this fraction of the height (KITTI: LiDAR sees no higher)
+SEMI_HOLES = (3, 8)               # elliptic holes per image, inclusive
+SEMI_HOLE_AXES = (0.03, 0.10)     # hole semi-axes as fractions of the image height
+LIDAR_NOISE_STD_M = 0.02
+LIDAR_DROPOUT = 0.05
+
+
+def scene_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def semi_dense_mask(depth_m: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Where a semi-dense (accumulated-LiDAR-like) GT has labels: below a top row, outside holes, not sky."""
+    h, w = depth_m.shape
+    top = int(round(h * rng.uniform(*SEMI_TOP_FRACTION)))
+    mask = depth_m > 0
+    mask[:top] = False
+    v, u = np.mgrid[0:h, 0:w]
+    n_holes = int(rng.integers(SEMI_HOLES[0], SEMI_HOLES[1] + 1))
+    for _ in range(n_holes):
+        cv, cu = rng.uniform(top, h), rng.uniform(0, w)
+        av, au = rng.uniform(*SEMI_HOLE_AXES, size=2) * h
+        mask &= ((v - cv) / av) ** 2 + ((u - cu) / au) ** 2 > 1.0
+    return mask, {"gt_top_row": top, "gt_holes": n_holes}
+
+
+class SyntheticSource(Source):
+    name = "synthetic"
+    has_native_intrinsics = True
+    layout = """\
+(no files: --root is ignored) items are synthetic://<family>/<scene seed>, scenes 0..count-1.
+Options: family street|room|mixed (default street; mixed alternates), width/height (default 608x192
+for street, 256x192 for room), count (default 1000), seed (default 0), labelled (default False),
+gt semi|dense (labelled only, default semi)."""
+    option_defaults = {"family": "street", "width": None, "height": None, "count": 1000, "seed": 0,
+                       "labelled": False, "gt": "semi"}
+
+    def __init__(self, root=None, intrinsics: str = "random", **options):
+        if intrinsics not in ("random", "native"):
+            raise ValueError(f"--intrinsics must be 'random' or 'native', got {intrinsics!r}")
+        super().__init__(None, "native", **options)
+        self.requested_intrinsics = intrinsics
+        o = self.options
+        if o["family"] not in (*FAMILIES, "mixed"):
+            raise ValueError(f"synthetic: family must be street, room or mixed, got {o['family']!r}")
+        if o["gt"] not in ("semi", "dense"):
+            raise ValueError(f"synthetic: gt must be semi or dense, got {o['gt']!r}")
+        if int(o["count"]) < 0:
+            raise ValueError(f"synthetic: count must be >= 0, got {o['count']}")
+        for side in ("width", "height"):
+            if o[side] is not None and int(o[side]) < 32:
+                raise ValueError(f"synthetic: {side} must be >= 32, got {o[side]}")
+        self.labelled = bool(o["labelled"])
+
+    def check_layout(self) -> None:  # nothing on disk to check
+        return None
+
+    def family(self, index: int) -> str:
+        f = self.options["family"]
+        return FAMILIES[index % 2] if f == "mixed" else f
+
+    def size(self, family: str) -> tuple[int, int]:
+        w0, h0 = DEFAULT_SIZE[family]
+        w, h = self.options["width"], self.options["height"]
+        return int(w) if w is not None else w0, int(h) if h is not None else h0
+
+    def items(self) -> list[Item]:
+        out = []
+        for i in range(int(self.options["count"])):
+            fam, s = self.family(i), scene_seed(self.options["seed"], i)
+            out.append(Item(make_key(self.name, f"{fam}/{s}"), self.name, f"synthetic://{fam}/{s}",
+                            {"family": fam, "scene_seed": s, "index": i}))
+        return out
+
+    def load(self, item: Item) -> Record:
+        from datagen.synthetic import render_scene
+
+        fam, s = item.extra["family"], int(item.extra["scene_seed"])
+        w, h = self.size(fam)
+        try:
+            scene = render_scene(s, family=fam, width=w, height=h)
+        except ValueError as exc:
+            raise InputError(f"{item.path}: cannot render ({exc})") from exc
+        depth = np.asarray(scene.depth_m, dtype=np.float32)
+        meta = {"family": fam, "scene_seed": s, "index": item.extra.get("index"), "intrinsics": "native"}
+        rec = Record(item.key, self.name, item.path, np.asarray(scene.rgb, dtype=np.uint8),
+                     K=np.asarray(scene.K, dtype=np.float64), true_depth=depth, meta=meta)
+        if self.labelled:
+            self._label(rec, scene, s)
+        return rec
+
+    def _label(self, rec: Record, scene, seed: int) -> None:
+        from datagen.lidar import simulate_sparse_depth
+        from datagen.mesh import Mesh
+
+        lidar_rng, mask_rng = (np.random.default_rng(q) for q in np.random.SeedSequence([seed, 1]).spawn(2))
+        mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else "grid"
+        rec.sparse, info = simulate_sparse_depth(
+            rec.true_depth, rec.K, lidar_rng, pattern="hdl64", mount="kitti", mesh=mesh,
+            noise_std_m=LIDAR_NOISE_STD_M, dropout=LIDAR_DROPOUT)
+        rec.sparse = np.asarray(rec.sparse, dtype=np.float32)
+        if self.options["gt"] == "dense":
+            rec.gt = rec.true_depth.copy()
+            rec.meta.update(gt="dense", gt_top_row=0)
+        else:
+            mask, m = semi_dense_mask(rec.true_depth, mask_rng)
+            rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
+            rec.meta.update(gt="semi", **m)
+        rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pose", "noise_std_m", "dropout", "n_points")
+                             if k in info}
