@@ -1,0 +1,206 @@
+"""Checkpoints: weights as safetensors that rebuild their own network, training state beside them.
+
+Layout under a run directory:
+
+    ckpt-0001000.safetensors   tensors "model.<name>" (trained weights) and "ema.<name>" (EMA weights);
+                               metadata: format, model_name, model_config (JSON), train_config (JSON),
+                               step, stage -- enough to rebuild the network from this file alone
+    state-0001000.pt           optimizer, step, RNG states, data position, EMA counter (torch.save of
+                               tensors / dicts / lists / numbers only: it loads with weights_only=True)
+    latest                     the name of the newest complete checkpoint ("ckpt-0001000")
+
+Every file is written to a temporary name, fsync'ed, then renamed (os.replace is atomic), state first,
+weights second, `latest` last: a crash at any point leaves `latest` naming a complete pair.
+An export (`trainer export`) is one safetensors file with the EMA weights under their plain names.
+Original BP-Net / DMD3C .pth files (weights under "net") load through trainer.model.load_original_checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT = "dmd3c-trainer-v1"
+EXPORT_FORMAT = "dmd3c-export-v1"
+CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to <path>.tmp-<pid>, flush to disk, rename over path, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            _write_all(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def _write_all(f, data: bytes, chunk: int = 1 << 22) -> None:
+    # in chunks, so that a test can interrupt a write half-way (and big files do not need one syscall)
+    view = memoryview(data)
+    for i in range(0, len(view), chunk):
+        f.write(view[i:i + chunk])
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt-{step:07d}"
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, model_sd: dict, ema_sd: dict, meta: dict,
+                    state: dict, keep: int = 3) -> Path:
+    """Write ckpt-<step>.safetensors + state-<step>.pt atomically, point `latest` at them, prune old ones.
+
+    meta values are JSON-encoded into the safetensors metadata (which holds strings only).
+    """
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = ckpt_name(step)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(out / f"state-{step:07d}.pt", buf.getvalue())
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_sd.items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_sd.items()})
+    metadata = {"format": FORMAT, "step": str(step), **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write_bytes(out / f"{name}.safetensors", save(tensors, metadata=metadata))
+    atomic_write_bytes(out / "latest", (name + "\n").encode())
+    for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        (out / f"state-{_step_of(old):07d}.pt").unlink(missing_ok=True)
+    return out / f"{name}.safetensors"
+
+
+def _step_of(path: Path) -> int:
+    return int(CKPT_RE.match(path.name).group(1))
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first (temporary files never match)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted((p for p in out.iterdir() if CKPT_RE.match(p.name)), key=_step_of)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names (falling back to the newest complete file), or None."""
+    out = Path(out_dir)
+    marker = out / "latest"
+    if marker.is_file():
+        path = out / (marker.read_text().strip() + ".safetensors")
+        if path.is_file():
+            return path
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (its latest checkpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint (ckpt-*.safetensors) in directory {p}")
+        return found
+    if p.name == "latest" and p.is_file():
+        return latest_checkpoint(p.parent) or p
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike, which: str = "ema") -> tuple[dict, dict]:
+    """(state_dict, metadata) of one of our safetensors files: `which` is "ema" or "model" for a training
+    checkpoint; an export has only one set. Metadata values are decoded from JSON where they were."""
+    from safetensors import safe_open
+
+    path = resolve(path)
+    with safe_open(str(path), framework="pt") as f:
+        raw_meta = f.metadata() or {}
+        keys = list(f.keys())
+        fmt = raw_meta.get("format")
+        if fmt == FORMAT:
+            prefix = f"{which}."
+            if not any(k.startswith(prefix) for k in keys):
+                raise KeyError(f"{path}: no {which!r} weights in this checkpoint")
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+        elif fmt == EXPORT_FORMAT:
+            sd = {k: f.get_tensor(k) for k in keys}
+        else:
+            raise ValueError(f"{path}: not a dmd3c checkpoint (metadata format {fmt!r}); original BP-Net / "
+                             "DMD3C weights are .pth files")
+    meta = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
+    meta["path"] = str(path)
+    return sd, meta
+
+
+def state_path_for(ckpt: str | os.PathLike) -> Path:
+    p = Path(ckpt)
+    return p.with_name(f"state-{_step_of(p):07d}.pt")
+
+
+def read_state(ckpt: str | os.PathLike, map_location="cpu") -> dict:
+    """The training state beside a checkpoint; weights_only=True: tensors, dicts, lists, numbers."""
+    return torch.load(state_path_for(ckpt), map_location=map_location, weights_only=True)
+
+
+def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:
+    """One plain safetensors file with the chosen weights and the network config, for inference."""
+    from safetensors.torch import save
+
+    sd, meta = read_checkpoint(ckpt, which)
+    metadata = {"format": EXPORT_FORMAT, "weights": json.dumps(which)}
+    for k in ("model_name", "model_config", "step", "stage"):
+        if k in meta:
+            metadata[k] = json.dumps(meta[k])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(out, save({k: v.contiguous() for k, v in sd.items()}, metadata=metadata))
+
+
+def load_model(path: str | os.PathLike, model_name: str | None = None, which: str = "ema"):
+    """(model, info) from any checkpoint the project knows:
+    - ours (a ckpt-*.safetensors, a run directory, or an export): the network is rebuilt from the
+      config stored in the file; `model_name`, when given, must agree with it;
+    - an original BP-Net / DMD3C .pth (weights under "net"): built from `model_name` (default "bpnet")
+      and loaded strictly with torch.load(weights_only=True).
+    """
+    from trainer.model import build_model, load_original_checkpoint
+
+    p = Path(path)
+    if p.suffix in (".pth", ".pt") and p.is_file():
+        name = model_name or "bpnet"
+        model = load_original_checkpoint(build_model(name), p)
+        return model, {"path": str(p), "model_name": name, "format": "original-pth", "step": None}
+    sd, meta = read_checkpoint(p, which)
+    if "model_config" not in meta:
+        raise ValueError(f"{p}: no model_config in the checkpoint metadata")
+    if model_name and meta.get("model_name") and model_name != meta["model_name"]:
+        raise ValueError(f"{p} holds a {meta['model_name']!r} network, not {model_name!r}; leave out --model")
+    model = build_model(meta["model_config"])
+    model.load_state_dict(sd, strict=True)
+    return model, meta

@@ -1,0 +1,160 @@
+"""`trainer` command line: parse, call one function, print. Imports stay lazy (`trainer score` needs no torch).
+
+    trainer pretrain --shards shards/synthetic [--preset laptop|paper] [--model bpnet-s] [--steps N] ...
+    trainer finetune --shards shards/kitti --init runs/pretrain [...]
+    trainer eval     --ckpt runs/finetune --shards shards/kitti-val [--kind kitti|nyu] [--json F]
+    trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
+    trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
+    trainer export   --ckpt runs/finetune --out model.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="BP-Net depth completion: pre-train on generated shards, fine-tune with SSI "
+                       "distillation, evaluate, predict.")
+
+
+def _setup_logging() -> None:
+    quiet = int(os.environ.get("RANK", 0)) != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+def _train_command(stage: str):
+    def command(
+        shards: str = typer.Option(..., help="shard directory, .tar, glob, brace pattern or URL"),
+        preset: str = typer.Option("laptop", help="laptop (default, CPU) or paper (bpnet, batch 16, 256x1216)"),
+        model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else bpnet-s)"),
+        init: str = typer.Option(None, help="start from our checkpoint/run dir or an original BP-Net/DMD3C .pth"),
+        steps: int = typer.Option(None, help="optimizer steps in all (a resumed run counts its done ones)"),
+        batch_size: int = typer.Option(None, help="global batch, split over torchrun processes"),
+        crop: str = typer.Option(None, help="training crop HxW, multiples of 32"),
+        out: str = typer.Option(None, help="run directory: checkpoints, log.csv, tb/"),
+        resume: bool = typer.Option(False, help="continue from the latest checkpoint in --out"),
+        lr: float = typer.Option(None, help="peak learning rate of the one-cycle schedule"),
+        workers: int = typer.Option(None, help="DataLoader workers per process"),
+        ema_decay: float = typer.Option(None, help="EMA decay of the weights"),
+        seed: int = typer.Option(None),
+        device: str = typer.Option(None, help="auto, cpu or cuda"),
+        amp: str = typer.Option(None, help="auto (bf16 on GPU), bf16 or none"),
+        ckpt_every: int = typer.Option(None, help="steps between checkpoints"),
+        log_every: int = typer.Option(None, help="steps between log lines"),
+        lambda_ssi: float = typer.Option(None, help="finetune: weight of L_SSI"),
+        lambda_reg: float = typer.Option(None, help="finetune: weight of L_reg"),
+        space: str = typer.Option(None, help="finetune: alignment space, disparity or depth"),
+        threads: int = typer.Option(None, help="torch CPU threads"),
+        json_path: str = typer.Option(None, "--json", help="write the run summary here"),
+        log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
+        quiet: bool = typer.Option(False, help="no progress bar"),
+    ):
+        import dataclasses
+
+        from trainer.presets import get_preset
+
+        _setup_logging()
+        cfg = get_preset(preset, stage)
+        given = {"shards": shards, "model": model, "init": init, "steps": steps, "batch_size": batch_size,
+                 "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
+                 "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
+                 "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "threads": threads,
+                 "json": json_path}
+        cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
+                                  **{k: v for k, v in given.items() if v is not None})
+        from trainer.train import train
+
+        summary = train(cfg)
+        if int(os.environ.get("RANK", 0)) == 0:
+            typer.echo(json.dumps({k: summary[k] for k in ("stage", "model", "steps", "first_loss", "final_loss",
+                                                           "samples_per_s", "skipped_samples", "checkpoint")}))
+
+    command.__doc__ = {"pretrain": "Pre-train on (simulated LiDAR -> dense pseudo depth) shards: multi-scale L1.",
+                       "finetune": "Fine-tune: L_sup on GT + lambda_ssi L_SSI + lambda_reg L_reg to the teacher.",
+                       }[stage]
+    return command
+
+
+app.command("pretrain")(_train_command("pretrain"))
+app.command("finetune")(_train_command("finetune"))
+
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: str = typer.Option(..., help="checkpoint, run directory, export, or original .pth"),
+    shards: str = typer.Option(...),
+    kind: str = typer.Option("kitti", help="kitti (mm, 1/km) or nyu (m, REL, deltas)"),
+    json_path: str = typer.Option(None, "--json"),
+    steps: int = typer.Option(None, help="at most this many batches"),
+    model: str = typer.Option(None, help="network of an original .pth (default bpnet)"),
+    raw: bool = typer.Option(False, help="use the trained weights instead of the EMA"),
+    crop: str = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32)"),
+    target: str = typer.Option("gt", help="member to score against: gt, or depth (pseudo depth)"),
+    batch_size: int = typer.Option(1),
+    workers: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+):
+    """Metrics table of a checkpoint on shards (stdout) and JSON."""
+    from trainer.evaluate import evaluate
+    from trainer.metrics import format_table
+
+    _setup_logging()
+    result = evaluate(ckpt, shards, kind, steps, model, "model" if raw else "ema", crop, batch_size, workers,
+                      target, device, json_path)
+    typer.echo(format_table(result))
+
+
+@app.command("predict")
+def predict_cmd(
+    ckpt: str = typer.Option(...),
+    shards: str = typer.Option(...),
+    out: str = typer.Option(..., help="output directory: <key>.png (uint16, depth x 256) and preview/"),
+    previews: int = typer.Option(16, help="colourised previews of the first N samples"),
+    steps: int = typer.Option(None, help="at most this many batches"),
+    model: str = typer.Option(None),
+    raw: bool = typer.Option(False, help="use the trained weights instead of the EMA"),
+    crop: str = typer.Option(None),
+    batch_size: int = typer.Option(1),
+    workers: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+):
+    """KITTI-submission PNGs at each sample's full size, named <key>.png, plus previews."""
+    from trainer.evaluate import predict
+
+    _setup_logging()
+    typer.echo(json.dumps(predict(ckpt, shards, out, previews, steps, model, "model" if raw else "ema", crop,
+                                  batch_size, workers, device)))
+
+
+@app.command("score")
+def score_cmd(
+    pred: str = typer.Option(..., help="directory of prediction PNGs"),
+    gt: str = typer.Option(..., help="directory of GT PNGs (same names)"),
+    kind: str = typer.Option("kitti"),
+    json_path: str = typer.Option(None, "--json"),
+):
+    """Score any method's prediction PNGs against GT PNGs (what the KITTI devkit does)."""
+    from trainer.evaluate import score
+    from trainer.metrics import format_table
+
+    typer.echo(format_table(score(pred, gt, kind, json_path)))
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: str = typer.Option(...),
+    out: str = typer.Option(..., help="output .safetensors"),
+    raw: bool = typer.Option(False, help="export the trained weights instead of the EMA"),
+):
+    """The EMA weights and the network config as one plain safetensors file."""
+    from trainer.evaluate import export
+
+    typer.echo(export(ckpt, out, "model" if raw else "ema"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,398 @@
+"""Streaming data for the trainer: WebDataset shards -> augmented, batched tensors.
+
+One pipeline per DataLoader worker, built from small stages that read top to bottom:
+
+    shards of this epoch (shuffled with seed + epoch, same order on every rank)
+    -> this worker's share (by shard, or by sample when there are too few shards)
+    -> raw tar samples (webdataset) -> shuffle buffer (seeded) -> skip what a resumed run consumed
+    -> decode (shared.shard.decode_sample; corrupt samples skipped, counted, logged)
+    -> crop / pad to the network frame (K follows) -> flip -> photometric jitter -> batch
+
+Splitting, so that each sample is seen exactly once per pass under DDP: the N shards of an epoch are
+dealt round-robin to S = world_size x num_workers slots (slot = rank x num_workers + worker), as
+webdataset's split_by_node followed by split_by_worker would do. Use N >= S shards (better a multiple
+of S, so that every slot gets the same amount of data). With N < S some slots would get nothing and
+the run would hang; there every slot reads every shard and keeps the samples whose index in the epoch
+is its slot modulo S: still exactly once, at the cost of reading every tar S times.
+
+Determinism and resume: every random choice comes from a numpy Generator seeded by (seed, epoch,
+slot) or (seed, epoch, key), never from global state, so a sample's crop, flip and jitter do not
+depend on which worker handled it. A training stream never ends (epoch after epoch); every batch
+says which slot made it and how far into its epoch that slot is, the trainer records that (the data
+position) and a resumed run restarts each slot at its epoch and skips that many raw samples, which
+gives exactly the batches the uninterrupted run would have seen. Each slot is rotated onto a worker so
+that the DataLoader's round-robin polling continues where it stopped.
+
+Batch (a dict; maps are B x 1 x H x W float32 with 0 = no value):
+    key        list of B sample keys
+    rgb        B x 3 x H x W float32, normalised as BP-Net expects (trainer.model.normalize_rgb)
+    rgb_raw    B x 3 x H x W uint8 (after jitter), for previews
+    sparse     LiDAR input, metres          depth    dense pseudo depth (pre-training target), metres
+    gt         ground truth, metres         teacher  relative disparity of the monocular teacher
+    has_sparse, has_depth, has_gt, has_teacher   B bool: whether the shard had the member (else zeros)
+    valid      B x 1 x H x W bool: image content, False on padding
+    K          B x 3 x 3 float32, intrinsics of this very frame (crop and flip applied)
+    box        B x 4 int64 (top, left, height, width): where the content sits in the original image;
+               the content is at [0:height, 0:width] of the frame (padding is bottom/right)
+    full_hw    B x 2 int64: the original image size
+    epoch      B int64
+    _pos       {"slot", "epoch", "pos", "skipped"}: the data position after this batch (for resume)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.camera import crop_K, flip_K
+from shared.shard import ReadStats, Sample, ShardError, decode_sample, list_shards, make_error_handler
+
+log = logging.getLogger("trainer.data")
+
+MAPS = ("sparse", "depth", "gt", "teacher")
+MULTIPLE = 32  # BP-Net's frame must be a multiple of 32 on both sides
+
+
+@dataclass
+class DataConfig:
+    shards: str | list
+    batch_size: int = 4  # per process
+    crop_hw: tuple[int, int] | None = (128, 256)  # train: random crop (padded when the image is smaller)
+    train: bool = True
+    shuffle_buffer: int = 256
+    flip: bool = True
+    jitter: float = 0.2  # brightness, contrast, saturation factors drawn in [1 - j, 1 + j]
+    workers: int = 2
+    seed: int = 0
+    max_epochs: int | None = None  # None: endless for training; eval always makes one pass
+    strict: bool = False  # raise on the first corrupt sample instead of skipping it
+
+
+def parse_hw(text: str | tuple | list | None) -> tuple[int, int] | None:
+    """'256x1216' -> (256, 1216); both sides must be positive multiples of 32."""
+    if text is None or text == "" or text == "none":
+        return None
+    if isinstance(text, str):
+        parts = text.lower().replace("*", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"crop must look like HxW, e.g. 256x1216, got {text!r}")
+        text = (int(parts[0]), int(parts[1]))
+    h, w = int(text[0]), int(text[1])
+    if h <= 0 or w <= 0 or h % MULTIPLE or w % MULTIPLE:
+        raise ValueError(f"crop {h}x{w}: both sides must be positive multiples of {MULTIPLE} (BP-Net's frame)")
+    return h, w
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else from torchrun's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
+
+
+def _key_hash(key: str) -> int:
+    return zlib.crc32(key.encode())
+
+
+# -----------------------------------------------------------------------------
+# per-sample transforms (numpy in, numpy out)
+
+
+def _maps_of(sample: Sample) -> dict[str, np.ndarray | None]:
+    return {name: getattr(sample, name) for name in MAPS}
+
+
+def _place(arr: np.ndarray, top: int, left: int, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
+    """arr[top:top+h, left:left+w] written at the top-left of a zero frame of out_h x out_w."""
+    out = np.zeros((out_h, out_w, *arr.shape[2:]), dtype=arr.dtype)
+    out[:h, :w] = arr[top:top + h, left:left + w]
+    return out
+
+
+def frame_sample(sample: Sample, out_hw: tuple[int, int], top: int, left: int) -> dict:
+    """Cut the window (top, left, out_hw) out of a sample, zero-padding bottom/right where the image is
+    smaller, and move K with it (crop_K). Returns numpy arrays plus the bookkeeping of where it came from."""
+    H, W = sample.height, sample.width
+    oh, ow = out_hw
+    h, w = min(oh, H - top), min(ow, W - left)
+    out = {"rgb": _place(sample.rgb, top, left, h, w, oh, ow), "K": crop_K(sample.K, top, left)}
+    for name, arr in _maps_of(sample).items():
+        out["has_" + name] = arr is not None
+        out[name] = np.zeros((oh, ow), np.float32) if arr is None else _place(arr, top, left, h, w, oh, ow)
+    valid = np.zeros((oh, ow), bool)
+    valid[:h, :w] = True
+    out.update(valid=valid, box=np.array([top, left, h, w], np.int64), full_hw=np.array([H, W], np.int64))
+    return out
+
+
+def hflip(frame: dict) -> dict:
+    """Mirror every image member of a frame (the teacher too, which the official code forgets) and K
+    with it: cx' = W - 1 - cx, so back-projection gives the same points with x negated."""
+    out = dict(frame)
+    for name in ("rgb", "valid", *MAPS):
+        out[name] = np.ascontiguousarray(frame[name][:, ::-1])
+    out["K"] = flip_K(frame["K"], frame["rgb"].shape[1])
+    return out
+
+
+def jitter_rgb(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of a uint8 image (rgb only: depths keep their metres)."""
+    if strength <= 0:
+        return rgb
+    b, c, s = rng.uniform(1 - strength, 1 + strength, 3)
+    x = rgb.astype(np.float32) * b
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = (x - grey.mean()) * c + grey.mean()
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = (x - grey[..., None]) * s + grey[..., None]
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def train_frame(sample: Sample, crop_hw: tuple[int, int], rng: np.random.Generator, flip: bool,
+                jitter: float) -> dict:
+    """Random crop (or pad) to crop_hw, random horizontal flip, photometric jitter."""
+    ch, cw = crop_hw
+    top = int(rng.integers(0, max(sample.height - ch, 0) + 1))
+    left = int(rng.integers(0, max(sample.width - cw, 0) + 1))
+    frame = frame_sample(sample, crop_hw, top, left)
+    if flip and rng.random() < 0.5:
+        frame = hflip(frame)
+    frame["rgb"] = jitter_rgb(frame["rgb"], jitter, rng)
+    return frame
+
+
+def eval_frame(sample: Sample, crop_hw: tuple[int, int] | None = None) -> dict:
+    """No augmentation. Without crop_hw the whole image, padded bottom/right to a multiple of 32 (the
+    padding is cut off again when predictions are pasted back). With crop_hw, BP-Net's test crop:
+    bottom rows (where the LiDAR is), centred horizontally."""
+    H, W = sample.height, sample.width
+    if crop_hw is None:
+        return frame_sample(sample, (-(-H // MULTIPLE) * MULTIPLE, -(-W // MULTIPLE) * MULTIPLE), 0, 0)
+    ch, cw = crop_hw
+    return frame_sample(sample, crop_hw, max(H - ch, 0), max((W - cw) // 2, 0))
+
+
+def collate(frames: list[dict], keys: list[str]) -> dict:
+    """Stack frames (padding bottom/right to the largest, for eval batches of mixed sizes)."""
+    from trainer.model import normalize_rgb  # the model's own helper keeps the convention in one place
+
+    oh = max(f["rgb"].shape[0] for f in frames)
+    ow = max(f["rgb"].shape[1] for f in frames)
+
+    def stack(name: str) -> torch.Tensor:
+        arrs = [f[name] for f in frames]
+        if any(a.shape[:2] != (oh, ow) for a in arrs):
+            arrs = [_place(a, 0, 0, a.shape[0], a.shape[1], oh, ow) for a in arrs]
+        return torch.from_numpy(np.stack(arrs))
+
+    rgb_raw = stack("rgb").permute(0, 3, 1, 2).contiguous()
+    batch = {"key": list(keys), "rgb": normalize_rgb(rgb_raw), "rgb_raw": rgb_raw,
+             "valid": stack("valid").unsqueeze(1),
+             "K": torch.from_numpy(np.stack([f["K"] for f in frames]).astype(np.float32)),
+             "box": torch.from_numpy(np.stack([f["box"] for f in frames])),
+             "full_hw": torch.from_numpy(np.stack([f["full_hw"] for f in frames]))}
+    for name in MAPS:
+        batch[name] = stack(name).unsqueeze(1)
+        batch["has_" + name] = torch.tensor([f["has_" + name] for f in frames])
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# the stream
+
+
+def split_shards(urls: list[str], slot: int, num_slots: int) -> tuple[list[str], int | None]:
+    """This slot's shards, and the sample modulo to apply (None when splitting by shard suffices)."""
+    if len(urls) >= num_slots:
+        return urls[slot::num_slots], None
+    return list(urls), slot
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle: keep `size` items, emit a random one for each new one, then drain."""
+    if size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(0, size))
+        buf[j], item = item, buf[j]
+        yield item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from shards for one process (one DDP rank); see the module docstring.
+
+    start: the data position of a resumed run, {"num_workers", "batches", "cursor": [[epoch, pos], ...]}
+    (one entry per slot of this rank), as the trainer records it from the batches' "_pos".
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
+                 start: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        r, w = dist_info()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.urls = list_shards(cfg.shards)
+        self.num_workers = max(cfg.workers, 1)
+        self.start = start if start and start.get("num_workers") == self.num_workers else None
+        if start and self.start is None:
+            log.warning("data position was recorded with %s workers, now %s: starting the data from epoch 0",
+                        start.get("num_workers"), self.num_workers)
+        slots = self.world_size * self.num_workers
+        if len(self.urls) < slots:
+            log.warning("%d shards for %d readers (world size %d x %d workers): every reader reads every "
+                        "shard and keeps 1/%d of the samples; write at least %d shards to avoid that",
+                        len(self.urls), slots, self.world_size, self.num_workers, slots, slots)
+        elif len(self.urls) % slots:
+            log.info("%d shards do not split evenly over %d readers: some get one shard more per epoch",
+                     len(self.urls), slots)
+        if cfg.train and cfg.crop_hw is None:
+            raise ValueError("training needs a crop size (HxW, multiples of 32): frames must stack into batches")
+
+    def _local_slot(self) -> int:
+        """Which of this rank's slots this worker plays: rotated so that round-robin polling resumes in order."""
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        offset = self.start["batches"] % self.num_workers if self.start else 0
+        return (worker + offset) % self.num_workers
+
+    def _raw(self, epoch: int, local: int) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) of this rank's slot `local` in this epoch, shuffled; from 0."""
+        import webdataset as wds
+
+        slot = self.rank * self.num_workers + local  # the reader's place among all ranks' readers
+        urls = list(self.urls)
+        if self.cfg.train:
+            urls = [urls[i] for i in _rng(self.cfg.seed, epoch).permutation(len(urls))]
+        num_slots = self.world_size * self.num_workers
+        mine, modulo = split_shards(urls, slot, num_slots)
+        if not mine:
+            return
+        ds = wds.WebDataset(mine, shardshuffle=False, handler=self._handler, empty_check=False,
+                            nodesplitter=None, workersplitter=None)
+        raw = iter(ds) if modulo is None else (s for i, s in enumerate(ds) if i % num_slots == modulo)
+        if self.cfg.train:
+            raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, slot, 1))
+        yield from enumerate(raw)
+
+    def _samples(self, local: int) -> Iterator[tuple[int, int, Sample]]:
+        """(epoch, position, decoded sample) forever (training) or for one pass (eval)."""
+        epoch, skip = (self.start["cursor"][local] if self.start else (0, 0))
+        last = self.cfg.max_epochs if self.cfg.train else 1
+        while last is None or epoch < last:
+            produced = False
+            for pos, raw in self._raw(epoch, local):
+                produced = True
+                if pos < skip:
+                    continue
+                try:
+                    sample = decode_sample(raw)
+                except ShardError as exc:
+                    self._handler(exc)
+                    continue
+                self.stats.samples += 1
+                yield epoch, pos, sample
+            if not produced and skip == 0 and self.cfg.train and last is None:
+                raise RuntimeError(f"rank {self.rank} reader {local}: no readable sample in an epoch of "
+                                   f"{len(self.urls)} shards; cannot train on nothing")
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stats = ReadStats()
+        handler = make_error_handler(self.cfg.strict, self.stats)
+
+        def logged(exn: BaseException) -> bool:
+            before = self.stats.skipped
+            ok = handler(exn)
+            if self.stats.skipped > before and self.stats.skipped <= 20:
+                log.warning("skipped a corrupt sample (%d so far): %s", self.stats.skipped, self.stats.reasons[-1])
+            return ok
+
+        self._handler = logged
+        local = self._local_slot()
+        slot = self.rank * self.num_workers + local
+        frames, keys, epochs, held = [], [], [], None
+        self._reported = 0
+        # A finished batch is held until the next one is due (or the stream ends), so that the skips
+        # counted in between, including those after the last good sample, are reported with it.
+        for epoch, pos, sample in self._samples(local):
+            if self.cfg.train:
+                rng = _rng(self.cfg.seed, epoch, _key_hash(sample.key), 2)
+                frames.append(train_frame(sample, self.cfg.crop_hw, rng, self.cfg.flip, self.cfg.jitter))
+            else:
+                frames.append(eval_frame(sample, self.cfg.crop_hw))
+            keys.append(sample.key)
+            epochs.append(epoch)
+            if len(frames) == self.cfg.batch_size:
+                if held is not None:
+                    yield self._report(held)
+                held = self._batch(frames, keys, epochs, local, epoch, pos, slot)
+                frames, keys, epochs = [], [], []
+        if frames:  # only a finite (eval) stream ends: its last batch may be short
+            if held is not None:
+                yield self._report(held)
+            held = self._batch(frames, keys, epochs, local, epoch, pos, slot)
+        if held is not None:
+            yield self._report(held)
+
+    def _batch(self, frames, keys, epochs, local, epoch, pos, slot) -> dict:
+        batch = collate(frames, keys)
+        batch["epoch"] = torch.tensor(epochs, dtype=torch.int64)
+        batch["_pos"] = {"slot": local, "epoch": epoch, "pos": pos + 1, "skipped": 0, "reader": slot}
+        return batch
+
+    def _report(self, batch: dict) -> dict:
+        batch["_pos"]["skipped"] = self.stats.skipped - self._reported
+        self._reported = self.stats.skipped
+        return batch
+
+
+class DataPosition:
+    """The trainer's record of what it consumed: per slot of this rank, the epoch and raw position
+    after its last consumed batch, and how many batches in all (for the round-robin rotation)."""
+
+    def __init__(self, num_workers: int, start: dict | None = None):
+        self.num_workers = max(num_workers, 1)
+        ok = start and start.get("num_workers") == self.num_workers
+        self.batches = int(start["batches"]) if ok else 0
+        self.cursor = [list(c) for c in start["cursor"]] if ok else [[0, 0] for _ in range(self.num_workers)]
+        self.skipped = int(start.get("skipped", 0)) if ok else 0
+
+    def update(self, batch: dict) -> None:
+        p = batch["_pos"]
+        self.cursor[int(p["slot"])] = [int(p["epoch"]), int(p["pos"])]
+        self.batches += 1
+        self.skipped += int(p["skipped"])
+
+    def state(self) -> dict:
+        return {"num_workers": self.num_workers, "batches": self.batches, "cursor": self.cursor,
+                "skipped": self.skipped}
+
+
+def make_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
+                start: dict | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ShardStream: batching happens in the workers (batch_size=None here)."""
+    ds = ShardStream(cfg, rank, world_size, start)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
+        # a private generator: creating the loader must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=False, prefetch_factor=2 if cfg.workers > 0 else None,
+    )

@@ -1,0 +1,167 @@
+"""Evaluation, prediction, scoring and export: what `trainer eval|predict|score|export` run.
+
+A checkpoint says which network it holds (trainer.checkpoint.load_model), so --ckpt is all these need;
+original BP-Net / DMD3C .pth files work too (with --model, default bpnet). The EMA weights are used
+unless asked otherwise. Frames are the whole image padded bottom/right to a multiple of 32 (or an
+explicit crop, BP-Net's bottom-centre test crop); predictions are cut back to the image and pasted
+into a full-size frame, so prediction PNGs have the sample's own size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.data import DataConfig, make_loader, parse_hw
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class Prediction:
+    """One sample's prediction, cut to the image content (h x w), and where that sits in the full frame."""
+
+    key: str
+    depth_m: np.ndarray  # h x w float32
+    box: tuple[int, int, int, int]  # top, left, h, w in the original image
+    full_hw: tuple[int, int]
+    gt: np.ndarray | None  # h x w, None when the sample has no such member
+    sparse: np.ndarray | None
+    rgb: np.ndarray  # h x w x 3 uint8
+
+    def full_size(self) -> np.ndarray:
+        """The prediction pasted into a zero frame of the original size (0 = outside an eval crop)."""
+        out = np.zeros(self.full_hw, np.float32)
+        top, left, h, w = self.box
+        out[top:top + h, left:left + w] = self.depth_m
+        return out
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "ema", device: str = "auto"):
+    """(model in eval mode on the device, info dict) from any checkpoint the project knows."""
+    from trainer.checkpoint import load_model
+
+    model, info = load_model(ckpt, model_name, which)
+    return model.to(pick_device(device)).eval(), info
+
+
+@torch.no_grad()
+def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, batch_size: int = 1,
+                     workers: int = 0, max_batches: int | None = None, target: str = "gt",
+                     amp: bool | None = None) -> Iterator[Prediction]:
+    """Run the finest output of the model over every sample of the shards (one pass, no augmentation)."""
+    device = next(model.parameters()).device
+    amp = device.type == "cuda" if amp is None else amp
+    cfg = DataConfig(shards=shards, batch_size=batch_size, crop_hw=parse_hw(crop), train=False, workers=workers)
+    for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(batch["rgb"].to(device), batch["sparse"].to(device), batch["K"].to(device))[-1]
+        out = out.float().cpu().numpy()[:, 0]
+        for b, key in enumerate(batch["key"]):
+            top, left, h, w = (int(x) for x in batch["box"][b])
+            has_t = bool(batch[f"has_{target}"][b])
+            yield Prediction(
+                key=key, depth_m=out[b, :h, :w].copy(), box=(top, left, h, w),
+                full_hw=tuple(int(x) for x in batch["full_hw"][b]),
+                gt=batch[target][b, 0, :h, :w].numpy() if has_t else None,
+                sparse=batch["sparse"][b, 0, :h, :w].numpy() if bool(batch["has_sparse"][b]) else None,
+                rgb=batch["rgb_raw"][b, :, :h, :w].permute(1, 2, 0).numpy())
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2))
+
+
+def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, model_name: str | None = None,
+             which: str = "ema", crop: str | None = None, batch_size: int = 1, workers: int = 0,
+             target: str = "gt", device: str = "auto", json_path: str | None = None) -> dict:
+    """Metrics of a checkpoint on shards (per image on valid GT pixels, then mean over images).
+
+    target: the member scored against, "gt" (labelled sets) or "depth" (the pseudo depth of unlabelled
+    shards). Samples without it are counted as skipped. steps: at most this many batches.
+    """
+    from trainer.metrics import MetricAccumulator
+
+    model, info = load_for_inference(ckpt, model_name, which, device)
+    acc = MetricAccumulator(kind)
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target):
+        acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
+    result = acc.result()
+    result.update(checkpoint=str(info.get("path", ckpt)), model=info.get("model_name"), step=info.get("step"),
+                  weights=which, target=target, shards=str(shards), per_image=acc.per_image)
+    _write_json(json_path, result)
+    return result
+
+
+def preview_image(p: Prediction) -> np.ndarray:
+    """rgb | prediction | GT (or LiDAR) side by side, depths on one colour scale."""
+    from shared.preview import colorize, depth_limits
+
+    ref = p.gt if p.gt is not None else p.sparse
+    vmin, vmax = depth_limits(p.depth_m, ref)
+    panels = [p.rgb, colorize(p.depth_m, vmin, vmax)]
+    if ref is not None:
+        panels.append(colorize(ref, vmin, vmax))
+    return np.concatenate(panels, axis=1)
+
+
+def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None = None,
+            model_name: str | None = None, which: str = "ema", crop: str | None = None, batch_size: int = 1,
+            workers: int = 0, device: str = "auto") -> dict:
+    """KITTI-submission PNGs (uint16, depth x 256) at each sample's full size as <out>/<key>.png, and
+    colourised previews of the first `previews` samples under <out>/preview/."""
+    from PIL import Image
+
+    from shared.depth import MAX_DEPTH_M, encode_depth_png
+    from shared.shard import check_key
+
+    model, info = load_for_inference(ckpt, model_name, which, device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps):
+        name = check_key(p.key)  # keys are letters, digits, '_' and '-': never a path
+        full = p.full_size()
+        top, left, h, w = p.box
+        # a submission needs a value everywhere: clamp into the PNG's range (0 would read as "no value")
+        full[top:top + h, left:left + w] = np.clip(np.nan_to_num(full[top:top + h, left:left + w]),
+                                                   1.0 / 256, MAX_DEPTH_M)
+        (out_dir / f"{name}.png").write_bytes(encode_depth_png(full))
+        if n < previews:
+            (out_dir / "preview").mkdir(exist_ok=True)
+            Image.fromarray(preview_image(p)).save(out_dir / "preview" / f"{name}.png")
+        n += 1
+    return {"written": n, "out": str(out_dir), "checkpoint": str(info.get("path", ckpt)),
+            "model": info.get("model_name"), "weights": which}
+
+
+def score(pred_dir: str, gt_dir: str, kind: str = "kitti", json_path: str | None = None) -> dict:
+    """Score prediction PNGs against GT PNGs of the same names (trainer.metrics.score_dirs)."""
+    from trainer.metrics import score_dirs
+
+    result = score_dirs(pred_dir, gt_dir, kind)
+    _write_json(json_path, result)
+    return result
+
+
+def export(ckpt: str, out: str, which: str = "ema") -> str:
+    """One plain safetensors file with the (EMA) weights and the network config."""
+    from trainer.checkpoint import export_weights, resolve
+
+    return str(export_weights(resolve(ckpt), out, which))
