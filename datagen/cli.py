@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
+from datagen.lidar_cli import lidar_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(lidar_app, name="lidar", help="Scan patterns: fit one from your own scans, show one.")
 
 
 @app.callback()
@@ -39,6 +42,87 @@ def inspect(
     if preview:
         write_preview(kept, str(preview))
         typer.echo(f"preview written to {preview}")
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE from --option; true/false and integers are converted, anything else stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise typer.BadParameter(f"expected KEY=VALUE, got {text!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, value
+
+
+@app.command()
+def run(
+    source: str = typer.Option("synthetic", help="coco, landmarks, nuscenes, cityscapes, davis, folder, synthetic, "
+                               "kitti, nyu."),
+    root: Path | None = typer.Option(None, help="The data set's folder (not needed for synthetic)."),
+    out: Path = typer.Option(Path("shards"), help="Output folder; shards go to OUT/<source>/."),
+    workers: int | None = typer.Option(None, help="CPU workers (shard tasks at a time). Default: every core."),
+    address: str | None = typer.Option(None, help="Ray cluster to join (host:port); default RAY_ADDRESS, "
+                                       "else a local Ray on 127.0.0.1."),
+    teacher: str | None = typer.Option(None, help="Hub id, local folder or 'oracle'. Default: oracle for "
+                                       "synthetic, Depth-Anything-V2-Large-hf otherwise."),
+    teacher_replicas: int | None = typer.Option(None, help="Copies of the teacher model. Default: one per GPU, or 1."),
+    teacher_batch: int = typer.Option(8, help="Images per teacher call."),
+    limit: int | None = typer.Option(None, help="Only the first N inputs (synthetic: N scenes)."),
+    seed: int = typer.Option(0, help="Seed of every random draw (per sample: derived from seed and key)."),
+    shard_size: int = typer.Option(128, help="Samples (inputs) per shard."),
+    lidar: str = typer.Option("hdl64", help="LiDAR preset: hdl64, vlp32, vlp16, os128, random, ..."),
+    mesh: str = typer.Option("grid", help="grid (fast, exact) or poisson (the paper's)."),
+    occlusion: str = typer.Option("none", help="none (keep parallax points, like real scans) or zbuffer."),
+    mount: str = typer.Option("random", help="LiDAR mount relative to the camera: random (a rig drawn per "
+                              "sample), kitti, or none (at the camera centre)."),
+    lidar_noise_m: float = typer.Option(0.0, help="Gaussian range noise of the simulated LiDAR (metres)."),
+    lidar_dropout: float = typer.Option(0.0, help="Fraction of simulated returns dropped."),
+    intrinsics: str = typer.Option("random", help="random, or native where the source has real intrinsics."),
+    max_size: int = typer.Option(1280, help="Longest image side; larger inputs are downscaled (K follows). "
+                                 "0: never."),
+    rgb_format: str = typer.Option("jpg", help="jpg or png for rgb in the shards."),
+    labelled: bool | None = typer.Option(None, "--labelled/--unlabelled", help="synthetic: KITTI-like labelled "
+                                         "samples (simulated scan + GT)."),
+    gt: str | None = typer.Option(None, help="synthetic --labelled: semi or dense GT."),
+    family: str | None = typer.Option(None, help="synthetic: street, room (default: the source's)."),
+    width: int | None = typer.Option(None, help="synthetic: image width."),
+    height: int | None = typer.Option(None, help="synthetic: image height."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Source option KEY=VALUE (e.g. splits=val2017)."),
+    progress: str = typer.Option("auto", help="auto, bar, log or none."),
+) -> None:
+    """Turn a data set into shards: teacher, pseudo depth, random K, simulated LiDAR. Resumable."""
+    import logging
+
+    from datagen.pipeline import ConfigError, PipelineError, RunConfig
+    from datagen.pipeline import run as run_job
+    from datagen.sources.base import LayoutError
+    from datagen.teacher import TeacherUnavailable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    options = dict(labelled=labelled, gt=gt, family=family, width=width, height=height)
+    options.update(_parse_option(o) for o in option)
+    cfg = RunConfig(source=source, root=str(root) if root else None, out=str(out), workers=workers,
+                    address=address, teacher=teacher, teacher_replicas=teacher_replicas,
+                    teacher_batch=teacher_batch, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
+                    mesh=mesh, occlusion=occlusion, mount=mount, lidar_noise_m=lidar_noise_m,
+                    lidar_dropout=lidar_dropout, intrinsics=intrinsics,
+                    max_size=max_size or None, rgb_format=rgb_format,
+                    source_options={k: v for k, v in options.items() if v is not None}, progress=progress)
+    try:
+        summary = run_job(cfg)
+    except (LayoutError, TeacherUnavailable, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(summary.format())
+    if summary.failed:
+        typer.echo(f"failures are listed in {Path(summary.out_dir) / 'failures.parquet'}")
 
 
 if __name__ == "__main__":
