@@ -15,12 +15,12 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: setup os-libs test test-shared test-datagen test-trainer lint demo bench bench-synthetic \
+.PHONY: setup os-libs test test-shared test-datagen test-trainer lint demo bench bench-synthetic chaos \
         finetune-kitti finetune-nyu clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory os-libs
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -56,11 +56,34 @@ test-shared test-datagen test-trainer: test-%: setup
 lint: setup
 	$(BIN)/ruff check datagen trainer shared tests bench
 
+# The main job, offline: synthetic data -> pre-training -> fine-tuning variants -> evaluation table.
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/ablation.py --preset demo
+
+# The same ablation at a larger scale (ARGS="--n-pretrain 8000 --pretrain-steps 20000 ..." to change it).
+bench-synthetic: setup
+	$(BIN)/python scripts/ablation.py --preset bench $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/run_all.py
 
+chaos: setup
+	$(BIN)/python bench/chaos.py
+
+# Fine-tune and evaluate on a labelled set (docs/finetune.md): shards when missing, trainer finetune
+# --resume, trainer eval. Variables: KITTI_ROOT / NYU_ROOT (required), TEACHER, INIT, MODEL, STEPS, OUT,
+# SHARDS, CROP, EVAL_CROP, PRESET, BATCH_SIZE, DATAGEN_ARGS, TRAIN_ARGS; unset ones take the defaults.
+finetune-kitti: setup
+	@$(BIN)/python scripts/finetune.py kitti --root "$(KITTI_ROOT)" --teacher "$(TEACHER)" --init "$(INIT)" \
+	  --model "$(MODEL)" --steps "$(STEPS)" --out "$(OUT)" --shards "$(SHARDS)" --crop "$(CROP)" \
+	  --eval-crop "$(EVAL_CROP)" --preset "$(PRESET)" --batch-size "$(BATCH_SIZE)" \
+	  --datagen-args "$(DATAGEN_ARGS)" --train-args "$(TRAIN_ARGS)"
+
+finetune-nyu: setup
+	@$(BIN)/python scripts/finetune.py nyu --root "$(NYU_ROOT)" --teacher "$(TEACHER)" --init "$(INIT)" \
+	  --model "$(MODEL)" --steps "$(STEPS)" --out "$(OUT)" --shards "$(SHARDS)" --crop "$(CROP)" \
+	  --eval-crop "$(EVAL_CROP)" --preset "$(PRESET)" --batch-size "$(BATCH_SIZE)" \
+	  --datagen-args "$(DATAGEN_ARGS)" --train-args "$(TRAIN_ARGS)"
+
 clean:
-	rm -rf runs/demo shards/*/ .pytest_cache
+	rm -rf runs/demo shards/synthetic .pytest_cache
