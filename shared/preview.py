@@ -47,7 +47,8 @@ def sparse_overlay(rgb: np.ndarray, sparse: np.ndarray, vmin: float, vmax: float
     return out
 
 
-def contact_sheet(rows: list[dict], path: str, title: str | None = None, cmap: str = "turbo_r") -> None:
+def contact_sheet(rows: list[dict], path: str, title: str | None = None, cmap: str = "turbo_r",
+                  limits: tuple[float, float] | None = None) -> None:
     """Write a PNG with one row per sample and one panel per entry of each row.
 
     Each row is an ordered dict of panel title -> array: H x W x 3 uint8 shown as an image, H x W
@@ -67,7 +68,7 @@ def contact_sheet(rows: list[dict], path: str, title: str | None = None, cmap: s
         depths = [v for k, v in row.items() if isinstance(v, np.ndarray) and v.ndim == 2 and "rel" not in k
                   and "error" not in k]
         dots = [v[2] for v in row.values() if isinstance(v, tuple)]
-        vmin, vmax = depth_limits(*depths, *dots)
+        vmin, vmax = limits if limits is not None else depth_limits(*depths, *dots)
         for c in range(ncols):
             ax = axes[r][c]
             ax.set_axis_off()
