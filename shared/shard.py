@@ -39,6 +39,7 @@ from shared.depth import (
     encode_disparity_png,
     encode_rgb,
 )
+from shared.fsutil import fsync_dir
 
 SCHEMA_VERSION = 1
 DEPTH_MEMBERS = ("depth", "sparse", "gt")
@@ -62,7 +63,7 @@ class ShardError(ValueError):
 
 def check_key(key: str) -> str:
     """Keys are letters, digits, '_' and '-' (WebDataset splits keys at the first dot)."""
-    if not isinstance(key, str) or not KEY_RE.match(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise ShardError(f"invalid sample key {key!r}: use letters, digits, '_' and '-' only")
     return key
 
@@ -137,6 +138,10 @@ def decode_sample(raw: dict, shard: str | None = None) -> Sample:
     """
     key = raw.get("__key__")
     shard = shard or raw.get("__url__")
+    try:  # a hostile or mangled key never reaches code that might build a path from it
+        check_key(key)
+    except ShardError as exc:
+        raise ShardError(exc.reason, shard) from None
     if "meta.json" not in raw:
         raise ShardError("missing member meta.json", shard, key)
     try:
@@ -223,14 +228,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp_path, self.path)
-        try:  # make the rename itself durable
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        fsync_dir(self.path.parent)  # make the rename itself durable
         return self.path
 
     def abort(self) -> None:
@@ -239,8 +237,12 @@ class ShardWriter:
             self._tar.close()
         except Exception:  # noqa: BLE001 (the file may be broken; we delete it anyway)
             pass
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            self._file.close()  # on a full disk, flushing the buffer fails again
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from shared.fsutil import fsync_dir
+
 FORMAT = "dmd3c-trainer-v1"
 EXPORT_FORMAT = "dmd3c-export-v1"
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
@@ -43,14 +45,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(path.parent)
     return path
 
 
