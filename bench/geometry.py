@@ -2,6 +2,7 @@
 
     python bench/geometry.py            # 5 street scenes per size (Poisson: 2), density over 10 scenes
     python bench/geometry.py --quick    # 2 scenes (Poisson: 1), density over 3 scenes
+    python bench/geometry.py --quick --json geometry.json   # also the numbers as JSON
 
 Prints a Markdown table of milliseconds per image (median over scenes) at 640 x 480 (default street
 camera, 81 deg) and 1216 x 352 (KITTI cam 2 after the bottom crop). Rows: synthetic render, grid mesh,
@@ -19,7 +20,13 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# the repository first: run as `python bench/geometry.py`, bench/ is on the path and bench/datagen.py
+# would shadow the datagen package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
@@ -89,6 +96,7 @@ def kitti_density(n: int) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer scenes")
+    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     n_scenes, n_poisson, n_density = (2, 1, 3) if args.quick else (5, 2, 10)
 
@@ -107,6 +115,14 @@ def main() -> None:
     mean, lo, hi = kitti_density(n_density)
     print(f"\nhdl64 into KITTI cam 2 (1216 x 352, fx 721.5, KITTI mount, grid mesh), {n_density} street scenes: "
           f"pixel density {100 * mean:.2f}% (min {100 * lo:.2f}%, max {100 * hi:.2f}%); real KITTI raw: ~4-6%")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"ms_per_image": results, "scenes": n_scenes, "poisson_scenes": n_poisson,
+                       "poisson_vs_grid": dict(zip(results, ratio, strict=True)),
+                       "naive_scan_vs_culled": dict(zip(results, cull, strict=True)),
+                       "kitti_density": {"mean": mean, "min": lo, "max": hi, "scenes": n_density}}, f, indent=2)
 
 
 if __name__ == "__main__":

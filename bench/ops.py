@@ -2,6 +2,7 @@
 
     python bench/ops.py                 # CPU
     python bench/ops.py --device cuda   # the chunked brute-force 4-NN is the GPU path
+    python bench/ops.py --quick --json ops.json   # 1 repeat, 8-row band; also the rows as JSON
 
 Prints a Markdown table:
 - 4-NN at KITTI size (256 x 1216, about 5% valid): KD-tree vs exhaustive search. On a CPU the exhaustive
@@ -164,7 +165,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--band", type=int, default=16, help="rows timed for the CPU exhaustive 4-NN")
     ap.add_argument("--presets", default="tiny,bpnet-s,bpnet")
+    ap.add_argument("--quick", action="store_true", help="1 repeat and an 8-row band")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.band = 1, 8
     device = torch.device(args.device)
     rows: list = []
     bench_knn(rows, device, args.repeats, args.band)
@@ -176,6 +181,13 @@ def main():
     for what, size, t, ratio in rows:
         print(f"| {what} | {size} | {t:.4f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
     print("\nratio: 4-NN rows vs the KD-tree; local_conv rows vs the naive autograd loop; forward rows vs the first preset.")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "repeats": args.repeats, "rows": [{"what": w, "size": sz, "seconds": t, "ratio": r}
+                                                         for w, sz, t, r in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/teacher.py                          # tiny random DA on CPU (+ any DA V2 found in the HF cache)
     python bench/teacher.py --model depth-anything/Depth-Anything-V2-Large-hf --device cuda
     python bench/teacher.py --arch large --device cuda   # random weights, the real Large architecture
+    python bench/teacher.py --quick --json teacher.json  # 8 images, 2 reps, no pipeline row; rows as JSON
 
 Prints a Markdown table of images/s (best and median of interleaved repetitions) and the ratio to
 batch 1 measured in the same run. Speed does not
@@ -108,7 +109,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per path")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="8 images, 2 repetitions, no HF pipeline row")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.reps = 8, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = None if args.device == "auto" else args.device
@@ -123,7 +128,7 @@ def main() -> None:
         else:
             save_random_da(Path(tmp), args.arch, args.input_px)
             name = f"random {args.arch} ({args.input_px} px)"
-            rows += bench_one(name, tmp, images, device, args.batch, True, args.reps)
+            rows += bench_one(name, tmp, images, device, args.batch, not args.quick, args.reps)
             for repo in V2_IDS:  # real weights only if already on disk: a benchmark never downloads
                 try:
                     if _cached_snapshot(repo) is not None:
@@ -139,6 +144,13 @@ def main() -> None:
         print(f"| {name} | {dev} | {dtype} | {path} | {best:.2f} | {median:.2f} | {ratio:.2f}x |")
     if not args.model and not any(r[0] in V2_IDS for r in rows):
         print("\n(no Depth Anything V2 weights in the local HF cache; pass --model to bench real ones)")
+    if args.json:
+        import json
+
+        keys = ("model", "device", "dtype", "path", "images_per_s", "median", "vs_batch_1")
+        with open(args.json, "w") as f:
+            json.dump({"images": args.n, "size": args.size, "reps": args.reps, "threads": torch.get_num_threads(),
+                       "rows": [dict(zip(keys, r, strict=True)) for r in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

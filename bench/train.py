@@ -4,6 +4,7 @@ loader's samples/s per worker, in one run.
     python bench/train.py                         # CPU: tiny, bpnet-s, bpnet at 256 x 320
     python bench/train.py --device cuda           # GPU, bf16 autocast as the trainer uses it
     python bench/train.py --json bench/train.json
+    python bench/train.py --quick                 # one timed step per network (tiny: 2), fewer loader batches
 
 Each network runs in its own subprocess so that its peak memory (CPU: peak RSS above the process's
 RSS after building the model; GPU: torch.cuda.max_memory_allocated) is its own. A training step is
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(m for m, _, _ in MODELS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the model runs")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="one timed step per network (tiny: 2)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     hw = tuple(int(x) for x in args.hw.lower().split("x"))
@@ -155,6 +157,8 @@ def main() -> None:
     for name, batch, iters in MODELS:
         if name not in wanted:
             continue
+        if args.quick:
+            iters = 2 if name == "tiny" else 1
         cmd = [sys.executable, __file__, "--child", f"{name},{batch},{iters}", "--device", args.device,
                "--hw", args.hw] + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
@@ -162,7 +166,7 @@ def main() -> None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         results["models"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    results["loader"] = bench_loader(hw)
+    results["loader"] = bench_loader(hw, batches=6 if args.quick else 12)
 
     print(f"\n## Training step (forward + backward + AdamW), {args.hw}, {args.device}\n")
     print("| model | params (M) | batch | s/step | samples/s | peak memory (MiB) |")

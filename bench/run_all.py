@@ -1,0 +1,228 @@
+"""Every benchmark in one command (`make bench`): bench/results.json and bench/RESULTS.md.
+
+    python bench/run_all.py            # quick settings: under 10 minutes on 2 cores
+    python bench/run_all.py --full     # each script's full settings (longer)
+    python bench/run_all.py --only geometry,ops
+
+Each script runs in its own subprocess (a fresh interpreter, so one's threads, caches and peak memory do
+not leak into the next), with --quick where it has it and --json to a temporary file; this collects the
+JSON into results.json with the machine (cores, torch, GPU) and the time each script took, and writes a
+Markdown table per area, every measurement beside its naive reference from the same run:
+
+    geometry       grid vs Poisson mesh path; ray casting with vs without culling
+    datagen        images/s at 1 and 2 workers vs the plain single-process loop
+    teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one)
+    loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
+    training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
+                   bpnet-s; the 90M-parameter bpnet with --full)
+    ops            4-NN KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
+
+A script that fails or runs past its time limit is recorded as such; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# script, extra arguments, time limit (s); --quick is added unless --full
+SCRIPTS = {
+    "geometry": ("geometry.py", [], 240),
+    "datagen": ("datagen.py", [], 360),
+    "teacher": ("teacher.py", [], 180),
+    "train": ("train.py", [], 420),
+    "ops": ("ops.py", [], 240),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        info["load_average_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def run_script(name: str, script: str, args: list[str], limit_s: int, quick: bool, tmp: Path) -> dict:
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, str(HERE / script), *args, "--json", str(out)] + (["--quick"] if quick else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as exc:
+        return {"status": f"timeout after {limit_s} s", "seconds": time.monotonic() - t0,
+                "stdout": (exc.stdout or b"")[-3000:].decode(errors="replace") if isinstance(exc.stdout, bytes)
+                else (exc.stdout or "")[-3000:]}
+    seconds = time.monotonic() - t0
+    print(f"   {seconds:.0f} s, exit {proc.returncode}", flush=True)
+    if proc.returncode != 0 or not out.exists():
+        return {"status": f"failed (exit {proc.returncode})", "seconds": seconds,
+                "stderr": proc.stderr[-3000:], "stdout": proc.stdout[-2000:]}
+    return {"status": "ok", "seconds": seconds, "data": json.loads(out.read_text()), "stdout": proc.stdout}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown, one table per area
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def md_geometry(d: dict) -> str:
+    ms = d["ms_per_image"]
+    sizes = list(ms)
+    rows = [[st, *(fmt(ms[s][st], 1) for s in sizes)] for st in ms[sizes[0]]]
+    rows.append(["**Poisson path / grid path** (naive reference: the paper's Poisson mesh)",
+                 *(ratio(d["poisson_vs_grid"][s]) for s in sizes)])
+    rows.append(["**scan without culling / culled scan** (hdl64)", *(ratio(d["naive_scan_vs_culled"][s]) for s in sizes)])
+    k = d["kitti_density"]
+    return (table(["stage (ms per image, one thread)", *sizes], rows)
+            + f"\n\nmedian over {d['scenes']} street scenes (Poisson: {d['poisson_scenes']}); hdl64 density into KITTI "
+              f"cam 2: {100 * k['mean']:.2f}% of pixels (min {100 * k['min']:.2f}%, max {100 * k['max']:.2f}%).")
+
+
+def md_datagen(d: dict) -> str:
+    rows_in = d["rows"]
+    ref = next(r["images_per_s"] for r in rows_in if r["workers"] == "plain, 1 process")
+    rows = [[r["job"], r["workers"], fmt(r["images_per_s"]), ratio(r["images_per_s"] / ref),
+             fmt(r.get("command_s"), 1), fmt(r.get("peak_rss_mb"), 0)] for r in rows_in]
+    w, h = d["size"]
+    mem = d.get("peak_rss_mb", {})
+    return (table([f"job ({w}x{h})", "workers", "images/s", "vs single-process loop", "command s", "peak RSS MB"], rows)
+            + f"\n\nscaling 2 vs 1 worker: oracle {d['scaling_oracle']:.2f}x, tiny DA {d['scaling_tiny_DA']:.2f}x; "
+              f"plain loop in 2 processes {d['scaling_plain']:.2f}x (what the machine gave two processes). "
+              f"Peak RSS of the whole job: " + ", ".join(f"{n} inputs {v:.0f} MB" for n, v in mem.items()) + ".")
+
+
+def md_teacher(d: dict, device: str) -> str:
+    rows = [[r["model"], r["device"], r["dtype"], r["path"], fmt(r["images_per_s"]), fmt(r["median"]),
+             ratio(r["vs_batch_1"])] for r in d["rows"]]
+    return (table(["model", "device", "dtype", "path", f"images/s (best of {d['reps']})", "median",
+                   "vs unbatched (batch 1)"], rows)
+            + f"\n\n{d['images']} images of {d['size']}, {d['threads']} CPU threads ({device}).")
+
+
+def md_loader(d: dict) -> str:
+    base = next((r["samples_per_s"] for r in d["loader"] if r["workers"] == 0), None)
+    rows = [[r["workers"], fmt(r["samples_per_s"], 1), fmt(r["per_worker"], 1),
+             ratio(r["samples_per_s"] / base) if base else ""] for r in d["loader"]]
+    hw = d["loader"][0]["hw"] if d["loader"] else ""
+    return (table(["DataLoader workers", "samples/s", "per worker", "vs in-process (0 workers)"], rows)
+            + f"\n\ndecode + crop + flip + jitter + collate, crop {hw}, batch 4, PNG members.")
+
+
+def md_training(d: dict) -> str:
+    tiny = next((r for r in d["models"] if r["model"] == "tiny"), None)
+    rows = [[r["model"], fmt(r["params_m"]), r["batch"], r["hw"], fmt(r["s_per_step"], 3), fmt(r["samples_per_s"]),
+             fmt(r["peak_mib"], 0), ratio(r["samples_per_s"] / tiny["samples_per_s"]) if tiny else ""]
+            for r in d["models"]]
+    return table(["model", "params (M)", "batch", "frame", "s/step (best)", "samples/s", "peak MiB over baseline",
+                  "vs tiny"], rows)
+
+
+def md_ops(d: dict) -> str:
+    rows = [[r["what"], r["size"], fmt(r["seconds"], 4), ratio(r["ratio"])] for r in d["rows"]]
+    return (table(["what", "size", "seconds (median)", "ratio"], rows)
+            + f"\n\n{d['device']}, {d['threads']} threads, {d['repeats']} repeat(s). Ratio: the 4-NN exhaustive "
+              "search vs the KD-tree (brute-force nearest neighbours as the naive reference); local_conv rows vs the "
+              "naive k*k autograd loop; forward rows vs the first preset.")
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results["machine"]
+    parts = ["# Benchmarks (`make bench`)", "",
+             f"Generated by `python bench/run_all.py` ({'full' if results['full'] else 'quick'} settings) in "
+             f"{results['total_s']:.0f} s. Machine: {m['cpu_count']} CPUs ({m['usable_cores']} usable), torch "
+             f"{m['torch']}, " + (f"GPU {', '.join(m['gpu'])}" if m.get("gpu") else "no GPU")
+             + (f", load average at start {m['load_average_start'][0]:.1f}" if "load_average_start" in m else "")
+             + ". On a shared machine the numbers move from run to run; the ratios, measured in the same run, "
+               "move less.", ""]
+    sections = [("Geometry stages", "geometry", md_geometry), ("Data generation", "datagen", md_datagen),
+                ("Teacher (CPU)", "teacher", lambda d: md_teacher(d, "cpu")),
+                ("Teacher (GPU)", "teacher_cuda", lambda d: md_teacher(d, "cuda")),
+                ("Shard loader", "train", md_loader), ("Training step", "train", md_training),
+                ("Training step (GPU)", "train_cuda", md_training), ("Propagation ops", "ops", md_ops),
+                ("Propagation ops (GPU)", "ops_cuda", md_ops)]
+    for title, key, render in sections:
+        r = results["scripts"].get(key)
+        if r is None:
+            continue
+        parts += [f"## {title}", ""]
+        if r["status"] != "ok":
+            parts += [f"**{r['status']}** after {r['seconds']:.0f} s (see results.json).", ""]
+            continue
+        try:
+            parts += [render(r["data"]), ""]
+        except (KeyError, TypeError, StopIteration, ZeroDivisionError) as exc:
+            parts += [f"(could not tabulate: {type(exc).__name__}: {exc})", ""]
+    parts += ["## Time per script", "",
+              table(["script", "status", "seconds"],
+                    [[k, v["status"], f"{v['seconds']:.0f}"] for k, v in results["scripts"].items()]), ""]
+    path.write_text("\n".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the scripts' full settings instead of --quick")
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(SCRIPTS))
+    ap.add_argument("--out", type=Path, default=HERE, help="where results.json and RESULTS.md go")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    results = {"full": args.full, "machine": machine(), "scripts": {}}
+    jobs = [(k, *SCRIPTS[k]) for k in (args.only.split(",") if args.only else SCRIPTS)]
+    if not args.full:  # the full bpnet takes minutes a step on 2 busy cores: its training row needs --full
+        jobs = [(k, s, a + ["--models", "tiny,bpnet-s"] if k == "train" else a, t) for k, s, a, t in jobs]
+    if results["machine"]["cuda"]:  # the GPU rows beside the CPU ones
+        jobs += [("teacher_cuda", "teacher.py", ["--device", "cuda"], 240),
+                 ("train_cuda", "train.py", ["--device", "cuda"], 300), ("ops_cuda", "ops.py", ["--device", "cuda"], 240)]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for name, script, extra, limit in jobs:
+            r = run_script(name, script, extra, limit, not args.full, Path(tmp))
+            results["scripts"][name] = r
+            if r["status"] != "ok":
+                print(f"   {name}: {r['status']}\n{r.get('stderr', '')[-1500:]}", flush=True)
+    results["total_s"] = time.monotonic() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for r in results["scripts"].values():
+        r.pop("stdout", None) if r["status"] == "ok" else None
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, args.out / "RESULTS.md")
+    ok = sum(r["status"] == "ok" for r in results["scripts"].values())
+    print(f"\n{ok}/{len(results['scripts'])} scripts ok; total {results['total_s']:.0f} s "
+          f"({results['total_s'] / 60:.1f} min); wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'}")
+    sys.exit(0 if ok == len(results["scripts"]) else 1)
+
+
+if __name__ == "__main__":
+    main()
