@@ -139,26 +139,9 @@ def make_images(root: Path, n: int, size: tuple[int, int]) -> None:
 
 
 def save_tiny_da(path: Path) -> None:
-    import torch
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    from datagen.teacher import save_random_teacher
 
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
-    model = DepthAnythingForDepthEstimation(config).eval()
-    with torch.no_grad():  # HF's init gives a tiny net a flat ~0 map: make it vary, as a real teacher's does
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
-                m.reset_parameters()
-        model.head.conv3.weight.mul_(10.0)
-        model.head.conv3.bias.fill_(2.0)
-    DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3,
-                         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
-                         image_std=[0.229, 0.224, 0.225], do_pad=False).save_pretrained(path)
-    model.save_pretrained(path)
+    save_random_teacher(path)
 
 
 def main() -> None:

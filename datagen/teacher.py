@@ -234,3 +234,34 @@ def make_teacher(spec: str = DEFAULT_TEACHER, **kw) -> DepthTeacher | OracleTeac
     if spec == ORACLE:
         return OracleTeacher()
     return DepthTeacher(spec, **kw)
+
+
+def save_random_teacher(path: str | Path, seed: int = 0) -> str:
+    """Save a tiny, randomly initialised Depth Anything (Dinov2 backbone, V2-style processor at 56 px).
+
+    For tests, benchmarks and offline dry runs of the real loading path: `DepthTeacher(path)` loads it
+    exactly as it loads downloaded weights. Its maps mean nothing, but they vary across the image (the
+    Hugging Face initialisation gives a tiny net a flat map, so the layers are re-initialised).
+    """
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
+                m.reset_parameters()
+        model.head.conv3.bias.fill_(2.0)
+    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                                     resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=False)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

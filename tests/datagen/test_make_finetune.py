@@ -24,6 +24,8 @@ pytest.importorskip("transformers")
 
 from fixtures import make_kitti, make_nyu  # noqa: E402
 
+from datagen.teacher import save_random_teacher  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 MAKE = shutil.which("make")
 pytestmark = pytest.mark.skipif(MAKE is None, reason="needs GNU make")
@@ -47,28 +49,8 @@ def make(target: str, **variables) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_da(tmp_path_factory) -> str:
-    """A tiny random Depth Anything plus a V2-style processor, saved with save_pretrained (as in test_teacher)."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
-
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
-    model = DepthAnythingForDepthEstimation(config).eval()
-    with torch.no_grad():  # HF's init gives ~0 everywhere on a tiny net; make the map vary
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
-                m.reset_parameters()
-        model.head.conv3.bias.fill_(2.0)
-    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                                     resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=False)
-    path = tmp_path_factory.mktemp("tiny_da")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    """A tiny random Depth Anything plus a V2-style processor, saved with save_pretrained."""
+    return save_random_teacher(tmp_path_factory.mktemp("tiny_da"))
 
 
 def check_eval(path: Path, keys: set[str], expected_names: list[str]) -> dict:
