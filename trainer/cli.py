@@ -97,6 +97,8 @@ def eval_cmd(
     batch_size: int = typer.Option(1),
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    convention: str = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
+                                   "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)"),
 ):
     """Metrics table of a checkpoint on shards (stdout) and JSON."""
     from trainer.evaluate import evaluate
@@ -104,7 +106,7 @@ def eval_cmd(
 
     _setup_logging()
     result = evaluate(ckpt, shards, kind, steps, model, "model" if raw else "ema", crop, batch_size, workers,
-                      target, device, json_path)
+                      target, device, json_path, convention)
     typer.echo(format_table(result))
 
 
@@ -121,13 +123,15 @@ def predict_cmd(
     batch_size: int = typer.Option(1),
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    convention: str = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
+                                   "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)"),
 ):
     """KITTI-submission PNGs at each sample's full size, named <key>.png, plus previews."""
     from trainer.evaluate import predict
 
     _setup_logging()
     typer.echo(json.dumps(predict(ckpt, shards, out, previews, steps, model, "model" if raw else "ema", crop,
-                                  batch_size, workers, device)))
+                                  batch_size, workers, device, convention)))
 
 
 @app.command("score")

@@ -60,17 +60,30 @@ def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "e
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, batch_size: int = 1,
                      workers: int = 0, max_batches: int | None = None, target: str = "gt",
-                     amp: bool | None = None) -> Iterator[Prediction]:
-    """Run the finest output of the model over every sample of the shards (one pass, no augmentation)."""
+                     amp: bool | None = None, convention: str = "kitti") -> Iterator[Prediction]:
+    """Run the finest output of the model over every sample of the shards (one pass, no augmentation).
+
+    `convention` names how the network expects its inputs (trainer.model.INPUT_CONVENTIONS): "kitti"
+    for ours and the original KITTI checkpoints, "nyu" for the original BP-Net NYU checkpoints (ImageNet
+    normalisation, depth in metres x 10 in and out). Predictions come back in metres either way.
+    """
+    from trainer.model import INPUT_CONVENTIONS, normalize_rgb
+
+    if convention not in INPUT_CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(INPUT_CONVENTIONS)}, got {convention!r}")
+    conv = INPUT_CONVENTIONS[convention]
+    scale = float(conv["depth_scale"])
     device = next(model.parameters()).device
     amp = device.type == "cuda" if amp is None else amp
     cfg = DataConfig(shards=shards, batch_size=batch_size, crop_hw=parse_hw(crop), train=False, workers=workers)
     for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
         if max_batches is not None and i >= max_batches:
             break
+        rgb = batch["rgb"] if convention == "kitti" else normalize_rgb(batch["rgb_raw"], conv["rgb_mean"],
+                                                                        conv["rgb_std"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch["rgb"].to(device), batch["sparse"].to(device), batch["K"].to(device))[-1]
-        out = out.float().cpu().numpy()[:, 0]
+            out = model(rgb.to(device), (batch["sparse"] * scale).to(device), batch["K"].to(device))[-1]
+        out = out.float().cpu().numpy()[:, 0] / scale
         for b, key in enumerate(batch["key"]):
             top, left, h, w = (int(x) for x in batch["box"][b])
             has_t = bool(batch[f"has_{target}"][b])
@@ -90,7 +103,8 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, model_name: str | None = None,
              which: str = "ema", crop: str | None = None, batch_size: int = 1, workers: int = 0,
-             target: str = "gt", device: str = "auto", json_path: str | None = None) -> dict:
+             target: str = "gt", device: str = "auto", json_path: str | None = None,
+             convention: str = "kitti") -> dict:
     """Metrics of a checkpoint on shards (per image on valid GT pixels, then mean over images).
 
     target: the member scored against, "gt" (labelled sets) or "depth" (the pseudo depth of unlabelled
@@ -100,7 +114,7 @@ def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, m
 
     model, info = load_for_inference(ckpt, model_name, which, device)
     acc = MetricAccumulator(kind)
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target):
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target, convention=convention):
         acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
     result = acc.result()
     result.update(checkpoint=str(info.get("path", ckpt)), model=info.get("model_name"), step=info.get("step"),
@@ -123,7 +137,7 @@ def preview_image(p: Prediction) -> np.ndarray:
 
 def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None = None,
             model_name: str | None = None, which: str = "ema", crop: str | None = None, batch_size: int = 1,
-            workers: int = 0, device: str = "auto") -> dict:
+            workers: int = 0, device: str = "auto", convention: str = "kitti") -> dict:
     """KITTI-submission PNGs (uint16, depth x 256) at each sample's full size as <out>/<key>.png, and
     colourised previews of the first `previews` samples under <out>/preview/."""
     from PIL import Image
@@ -135,7 +149,7 @@ def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None =
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps):
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=convention):
         name = check_key(p.key)  # keys are letters, digits, '_' and '-': never a path
         full = p.full_size()
         top, left, h, w = p.box

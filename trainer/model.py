@@ -28,6 +28,13 @@ from trainer.ops import VALID_DEPTH, knn4, local_conv
 
 KITTI_RGB_MEAN = (90.9950, 96.2278, 94.3213)  # on the 0..255 scale, from the original's KITTI config
 KITTI_RGB_STD = (79.2382, 80.5267, 82.1483)
+# How a network's inputs and outputs are scaled. Ours and BP-Net's KITTI models: KITTI mean/std on the
+# 0..255 scale, depth in metres. BP-Net's NYU models (configs/data/NYU.yaml, datasets/nyu.py): ImageNet
+# mean/std (torchvision's Normalize on 0..1) and depth in metres x 10 (mul_factor 10), in and out.
+INPUT_CONVENTIONS = {
+    "kitti": {"rgb_mean": KITTI_RGB_MEAN, "rgb_std": KITTI_RGB_STD, "depth_scale": 1.0},
+    "nyu": {"rgb_mean": (123.675, 116.28, 103.53), "rgb_std": (58.395, 57.12, 57.375), "depth_scale": 10.0},
+}
 # Loss weight of each output, coarse (1/32) to fine (full), from the original's MSMSE criterion.
 MULTISCALE_WEIGHTS = (2**-10, 2**-8, 2**-6, 2**-4, 2**-2, 1.0)
 NUM_LEVELS = 6

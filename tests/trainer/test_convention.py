@@ -1,0 +1,58 @@
+"""Input conventions at inference: the original BP-Net NYU checkpoints take ImageNet-normalised RGB and
+depth in metres x 10; predictions must still come back in metres."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_shards
+
+from trainer.evaluate import iter_predictions
+from trainer.model import INPUT_CONVENTIONS, KITTI_RGB_MEAN, KITTI_RGB_STD
+
+
+class EchoSparse(torch.nn.Module):
+    """Predicts its sparse input everywhere (6 times) and records the RGB it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.seen_rgb = []
+        self.seen_sparse = []
+
+    def forward(self, rgb, sparse, K):
+        self.seen_rgb.append(rgb.clone())
+        self.seen_sparse.append(sparse.clone())
+        return [sparse + 0 * self.dummy] * 6
+
+
+@pytest.mark.parametrize("convention", ["kitti", "nyu"])
+def test_inputs_scaled_and_outputs_back_in_metres(tmp_path, convention):
+    write_shards(tmp_path / "s", 1, 2)
+    model = EchoSparse()
+    preds = list(iter_predictions(model, str(tmp_path / "s"), convention=convention))
+    conv = INPUT_CONVENTIONS[convention]
+    assert len(preds) == 2
+    for p, rgb_in, sparse_in in zip(preds, model.seen_rgb, model.seen_sparse, strict=True):
+        h, w = p.depth_m.shape
+        # the network saw depth x scale, and the prediction is in metres again
+        np.testing.assert_allclose(sparse_in[0, 0, :h, :w].numpy(), p.sparse * conv["depth_scale"], rtol=1e-6)
+        np.testing.assert_allclose(p.depth_m, p.sparse, rtol=1e-6, atol=1e-7)
+        # and the RGB was normalised with this convention's statistics
+        raw = torch.from_numpy(p.rgb.astype(np.float64)).permute(2, 0, 1)
+        mean = torch.tensor(conv["rgb_mean"], dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(conv["rgb_std"], dtype=torch.float64).view(3, 1, 1)
+        np.testing.assert_allclose(rgb_in[0, :, :h, :w].numpy(), ((raw - mean) / std).float().numpy(), atol=1e-5)
+
+
+def test_nyu_statistics_are_imagenet_on_the_0_255_scale():
+    nyu = INPUT_CONVENTIONS["nyu"]
+    np.testing.assert_allclose(np.array(nyu["rgb_mean"]) / 255, [0.485, 0.456, 0.406])
+    np.testing.assert_allclose(np.array(nyu["rgb_std"]) / 255, [0.229, 0.224, 0.225])
+    assert nyu["depth_scale"] == 10.0
+    assert INPUT_CONVENTIONS["kitti"] == {"rgb_mean": KITTI_RGB_MEAN, "rgb_std": KITTI_RGB_STD, "depth_scale": 1.0}
+
+
+def test_unknown_convention_is_refused(tmp_path):
+    write_shards(tmp_path / "s", 1, 1)
+    with pytest.raises(ValueError, match="convention"):
+        list(iter_predictions(EchoSparse(), str(tmp_path / "s"), convention="imagenet"))
