@@ -83,22 +83,31 @@ app.command("pretrain")(_train_command("pretrain"))
 app.command("finetune")(_train_command("finetune"))
 
 
+# Options that `eval` and `predict` share (one definition, one help text).
+CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or original .pth")
+STEPS_OPT = typer.Option(None, help="at most this many batches")
+MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)")
+RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
+CROP_OPT = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32)")
+CONVENTION_OPT = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
+                              "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)")
+
+
 @app.command("eval")
 def eval_cmd(
-    ckpt: str = typer.Option(..., help="checkpoint, run directory, export, or original .pth"),
+    ckpt: str = CKPT_OPT,
     shards: str = typer.Option(...),
     kind: str = typer.Option("kitti", help="kitti (mm, 1/km) or nyu (m, REL, deltas)"),
     json_path: str = typer.Option(None, "--json"),
-    steps: int = typer.Option(None, help="at most this many batches"),
-    model: str = typer.Option(None, help="network of an original .pth (default bpnet)"),
-    raw: bool = typer.Option(False, help="use the trained weights instead of the EMA"),
-    crop: str = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32)"),
+    steps: int = STEPS_OPT,
+    model: str = MODEL_OPT,
+    raw: bool = RAW_OPT,
+    crop: str = CROP_OPT,
     target: str = typer.Option("gt", help="member to score against: gt, or depth (pseudo depth)"),
     batch_size: int = typer.Option(1),
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
-    convention: str = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
-                                   "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)"),
+    convention: str = CONVENTION_OPT,
 ):
     """Metrics table of a checkpoint on shards (stdout) and JSON."""
     from trainer.evaluate import evaluate
@@ -112,19 +121,18 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    ckpt: str = typer.Option(...),
+    ckpt: str = CKPT_OPT,
     shards: str = typer.Option(...),
     out: str = typer.Option(..., help="output directory: <key>.png (uint16, depth x 256) and preview/"),
     previews: int = typer.Option(16, help="colourised previews of the first N samples"),
-    steps: int = typer.Option(None, help="at most this many batches"),
-    model: str = typer.Option(None),
-    raw: bool = typer.Option(False, help="use the trained weights instead of the EMA"),
-    crop: str = typer.Option(None),
+    steps: int = STEPS_OPT,
+    model: str = MODEL_OPT,
+    raw: bool = RAW_OPT,
+    crop: str = CROP_OPT,
     batch_size: int = typer.Option(1),
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
-    convention: str = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
-                                   "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)"),
+    convention: str = CONVENTION_OPT,
 ):
     """KITTI-submission PNGs at each sample's full size, named <key>.png, plus previews."""
     from trainer.evaluate import predict

@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from datagen.teacher import (  # noqa: E402
     TeacherUnavailable,
     make_teacher,
     resolve_teacher,
+    save_random_teacher,
 )
 
 # sizes chosen so that the processor (56 px target, multiples of 14, aspect kept) gives several tensor
@@ -28,33 +30,7 @@ SIZES = [(37, 61), (40, 64), (56, 56), (30, 90), (61, 37), (37, 61), (23, 29)]
 @pytest.fixture(scope="module")
 def tiny_da(tmp_path_factory):
     """A tiny randomly initialised Depth Anything plus a V2-style processor, saved with save_pretrained."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
-
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=2, intermediate_size=64, out_indices=[1, 2, 3, 4],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
-    model = DepthAnythingForDepthEstimation(config).eval()
-    with torch.no_grad():
-        # HF's 0.02-std init makes a tiny net output ~0 everywhere (and the final ReLU clips it);
-        # re-initialise so the disparity varies over the image and the comparisons below mean something
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
-                m.reset_parameters()
-        model.head.conv3.weight.mul_(10.0)
-        model.head.conv3.bias.fill_(2.0)
-    # what Depth-Anything-V2-*-hf ship, with a 56 px target instead of 518 to stay fast
-    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                                     resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-                                     do_pad=False)
-    path = tmp_path_factory.mktemp("tiny_da")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return Path(save_random_teacher(tmp_path_factory.mktemp("tiny_da")))
 
 
 @pytest.fixture(scope="module")
