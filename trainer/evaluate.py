@@ -60,7 +60,7 @@ def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "e
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, batch_size: int = 1,
                      workers: int = 0, max_batches: int | None = None, target: str = "gt",
-                     amp: bool | None = None, convention: str = "kitti") -> Iterator[Prediction]:
+                     amp: bool = False, convention: str = "kitti") -> Iterator[Prediction]:
     """Run the finest output of the model over every sample of the shards (one pass, no augmentation).
 
     `convention` names how the network expects its inputs (trainer.model.INPUT_CONVENTIONS): "kitti"
@@ -74,7 +74,8 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     conv = INPUT_CONVENTIONS[convention]
     scale = float(conv["depth_scale"])
     device = next(model.parameters()).device
-    amp = device.type == "cuda" if amp is None else amp
+    # amp (bf16 autocast) is off by default: the original evaluates in float32, and metrics should not
+    # carry bf16 rounding
     cfg = DataConfig(shards=shards, batch_size=batch_size, crop_hw=parse_hw(crop), train=False, workers=workers)
     for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
         if max_batches is not None and i >= max_batches:

@@ -183,6 +183,17 @@ class UpWithDepth(nn.Module):
         return self.conv(torch.cat([up, skip], dim=1))
 
 
+def in_float32(fn, *tensors: Tensor) -> Tensor:
+    """fn(*tensors) in float32 with autocast off, when autocast is on. Depths of tens of metres, the
+    pool's 1e6 drift and exp() do not survive bfloat16 (w + 1e6 rounds to a grid 4096 apart, exp()
+    overflows and every pooled cell becomes NaN); the original runs all of this in float32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(*tensors)
+    with torch.autocast(device_type=device, enabled=False):
+        return fn(*(t.float() if t.is_floating_point() else t for t in tensors))
+
+
 class WeightedPool(nn.Module):
     """Pool the sparse depth into 2^level cells with a per-pixel learned softmax weight over the valid
     pixels of each cell (the original's WPool). The weights are predicted at the coarse level and laid
@@ -198,6 +209,9 @@ class WeightedPool(nn.Module):
             nn.Conv2d(cin, 4**level, 1, bias=True), nn.PixelShuffle(2**level))
 
     def forward(self, sparse: Tensor, feat: Tensor) -> Tensor:
+        return in_float32(self._forward, sparse, feat)
+
+    def _forward(self, sparse: Tensor, feat: Tensor) -> Tensor:
         w = self.permute.conv(feat)
         size = 2**self.level
         valid = (sparse > VALID_DEPTH).float()
@@ -237,6 +251,10 @@ class BilateralPropagation(nn.Module):
         self.coef.conv = nn.Conv2d(c, 3, 1, bias=True)
 
     def forward(self, feat: Tensor, points: Tensor, offset: Tensor, idx: Tensor) -> Tensor:
+        # float32: the neighbours' 3D points (tens of metres) would keep 3 significant digits in bf16
+        return in_float32(self._forward, feat, points, offset, idx)
+
+    def _forward(self, feat: Tensor, points: Tensor, offset: Tensor, idx: Tensor) -> Tensor:
         # tensors are laid out B x C x neighbours x pixels so that 1x1 convs act as the per-neighbour MLP
         B, C, H, W = feat.shape
         num, N = idx.shape[1], H * W
@@ -314,10 +332,7 @@ class CSPN(nn.Module):
         self.convct = nn.Sequential(ConvBNAct(c + 3, c), ConvBNAct(c, 3, norm=False, act=nn.Softmax(dim=1)))
 
     def forward(self, feat: Tensor, depth: Tensor, sparse: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(feat.device.type):
-            with torch.autocast(device_type=feat.device.type, enabled=False):
-                return self._forward(feat.float(), depth.float(), sparse.float())
-        return self._forward(feat, depth, sparse)
+        return in_float32(self._forward, feat, depth, sparse)
 
     def _forward(self, feat: Tensor, h: Tensor, h0: Tensor) -> Tensor:
         kernels = [self.weight3x3(feat), self.weight5x5(feat), self.weight7x7(feat)]
