@@ -88,7 +88,8 @@ CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or origina
 STEPS_OPT = typer.Option(None, help="at most this many batches")
 MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)")
 RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
-CROP_OPT = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32)")
+CROP_OPT = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32), or "
+                        "bpnet-nyu: BP-Net's NYUv2 test frame (half size, 228x304 centre crop, fixed 500 points)")
 CONVENTION_OPT = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
                               "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)")
 

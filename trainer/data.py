@@ -74,14 +74,18 @@ class DataConfig:
     strict: bool = False  # raise on the first corrupt sample instead of skipping it
 
 
-def parse_hw(text: str | tuple | list | None) -> tuple[int, int] | None:
-    """'256x1216' -> (256, 1216); both sides must be positive multiples of 32."""
+def parse_hw(text: str | tuple | list | None) -> tuple[int, int] | str | None:
+    """'256x1216' -> (256, 1216); both sides must be positive multiples of 32. A named evaluation frame
+    (NAMED_FRAMES, e.g. 'bpnet-nyu') passes through as its name."""
     if text is None or text == "" or text == "none":
         return None
+    if isinstance(text, str) and text in NAMED_FRAMES:
+        return text
     if isinstance(text, str):
         parts = text.lower().replace("*", "x").split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"crop must look like HxW, e.g. 256x1216, got {text!r}")
+            raise ValueError(f"crop must look like HxW, e.g. 256x1216, or name a frame ({', '.join(NAMED_FRAMES)}), "
+                             f"got {text!r}")
         text = (int(parts[0]), int(parts[1]))
     h, w = int(text[0]), int(text[1])
     if h <= 0 or w <= 0 or h % MULTIPLE or w % MULTIPLE:
@@ -171,11 +175,61 @@ def train_frame(sample: Sample, crop_hw: tuple[int, int], rng: np.random.Generat
     return frame
 
 
-def eval_frame(sample: Sample, crop_hw: tuple[int, int] | None = None) -> dict:
+def bpnet_nyu_frame(sample: Sample) -> dict:
+    """BP-Net's NYUv2 test frame (its datasets/nyu.py in val mode), to reproduce its published protocol.
+
+    The 640 x 480 frame is halved (PIL bilinear, as torchvision's Resize(240) on a PIL image; RGB and GT
+    alike), centre-cropped to 228 x 304 (rows 6.., columns 8..), and padded to 256 x 320 (14 rows top and
+    bottom, 8 columns left and right; RGB by edge replication, maps with zeros). K is halved without a
+    half-pixel shift and moved with the crop and the pad. The sparse input is the resized GT at the same
+    500 positions of the crop in every image (numpy's legacy generator, seed 0), zero where GT is missing;
+    the sample's own sparse map and teacher are not used. Predictions and GT stay in this 256 x 320 frame
+    (box and full_hw say so): they cannot be pasted back onto the 640 x 480 image.
+    """
+    from PIL import Image
+
+    (H, W), (rh, rw), (ch, cw), (pt, pl) = (480, 640), (240, 320), (228, 304), (14, 8)
+    if (sample.height, sample.width) != (H, W):
+        raise ValueError(f"{sample.key}: the bpnet-nyu frame expects NYUv2's {W} x {H} frames, "
+                         f"got {sample.width} x {sample.height}")
+    if sample.gt is None:
+        raise ValueError(f"{sample.key}: the bpnet-nyu frame draws its sparse input from gt; the sample has none")
+    top, left = int(round((rh - ch) / 2)), int(round((rw - cw) / 2))  # torchvision's CenterCrop rounding
+
+    def halve(arr: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(arr).resize((rw, rh), Image.BILINEAR))[top:top + ch, left:left + cw]
+
+    rgb = np.pad(halve(sample.rgb), ((pt, pt), (pl, pl), (0, 0)), mode="edge")
+    gt = halve(sample.gt.astype(np.float32)).copy()
+    gt[gt <= 1e-4] = 0.0  # BP-Net's metric counts GT > 1e-4 only
+    sparse = np.zeros(ch * cw, np.float32)
+    where = np.random.RandomState(0).choice(ch * cw, 500, replace=False)
+    sparse[where] = gt.reshape(-1)[where]
+    K = np.asarray(sample.K, np.float64).copy()
+    K[:2] /= 2
+    K[0, 2] += pl - left
+    K[1, 2] += pt - top
+    oh, ow = ch + 2 * pt, cw + 2 * pl
+    out = {"rgb": rgb, "K": K, "box": np.array([0, 0, oh, ow], np.int64), "full_hw": np.array([oh, ow], np.int64)}
+    maps = {"gt": gt, "sparse": sparse.reshape(ch, cw)}
+    for name in MAPS:
+        out["has_" + name] = name in maps
+        out[name] = np.pad(maps[name], ((pt, pt), (pl, pl))) if name in maps else np.zeros((oh, ow), np.float32)
+    out["valid"] = np.pad(np.ones((ch, cw), bool), ((pt, pt), (pl, pl)))
+    return out
+
+
+# evaluation frames other than a crop, by name (`--crop bpnet-nyu`)
+NAMED_FRAMES = {"bpnet-nyu": bpnet_nyu_frame}
+
+
+def eval_frame(sample: Sample, crop_hw: tuple[int, int] | str | None = None) -> dict:
     """No augmentation. Without crop_hw the whole image, padded bottom/right to a multiple of 32 (the
     padding is cut off again when predictions are pasted back). With crop_hw, BP-Net's test crop:
-    bottom rows (where the LiDAR is), centred horizontally."""
+    bottom rows (where the LiDAR is), centred horizontally. A name from NAMED_FRAMES builds that frame."""
     H, W = sample.height, sample.width
+    if isinstance(crop_hw, str):
+        return NAMED_FRAMES[crop_hw](sample)
     if crop_hw is None:
         return frame_sample(sample, (-(-H // MULTIPLE) * MULTIPLE, -(-W // MULTIPLE) * MULTIPLE), 0, 0)
     ch, cw = crop_hw
@@ -263,8 +317,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         elif len(self.urls) % slots:
             log.info("%d shards do not split evenly over %d readers: some get one shard more per epoch",
                      len(self.urls), slots)
-        if cfg.train and cfg.crop_hw is None:
-            raise ValueError("training needs a crop size (HxW, multiples of 32): frames must stack into batches")
+        if cfg.train and (cfg.crop_hw is None or isinstance(cfg.crop_hw, str)):
+            raise ValueError("training needs a crop size (HxW, multiples of 32): frames must stack into batches"
+                             + (f"; {cfg.crop_hw!r} is an evaluation frame" if cfg.crop_hw else ""))
 
     def _local_slot(self) -> int:
         """Which of this rank's slots this worker plays: rotated so that round-robin polling resumes in order."""
