@@ -170,7 +170,7 @@ def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str =
 
     sd, meta = read_checkpoint(ckpt, which)
     metadata = {"format": EXPORT_FORMAT, "weights": json.dumps(which)}
-    for k in ("model_name", "model_config", "step", "stage"):
+    for k in ("model_name", "model_config", "step", "stage", "convention"):
         if k in meta:
             metadata[k] = json.dumps(meta[k])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

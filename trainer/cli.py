@@ -43,6 +43,8 @@ def _train_command(stage: str):
         seed: int = typer.Option(None),
         device: str = typer.Option(None, help="auto, cpu or cuda"),
         amp: str = typer.Option(None, help="auto (bf16 on GPU), bf16 or none"),
+        convention: str = typer.Option(None, help="input convention: default what --init records, else kitti; "
+                                       "nyu to fine-tune an original BP-Net NYU .pth (ImageNet RGB, depth x 10)"),
         ckpt_every: int = typer.Option(None, help="steps between checkpoints"),
         log_every: int = typer.Option(None, help="steps between log lines"),
         lambda_ssi: float = typer.Option(None, help="finetune: weight of L_SSI"),
@@ -63,7 +65,7 @@ def _train_command(stage: str):
                  "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "threads": threads,
-                 "json": json_path}
+                 "json": json_path, "convention": convention}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
         from trainer.train import train
@@ -90,8 +92,8 @@ MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)
 RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
 CROP_OPT = typer.Option(None, help="bottom-centre crop HxW (default: whole image padded to x32), or "
                         "bpnet-nyu: BP-Net's NYUv2 test frame (half size, 228x304 centre crop, fixed 500 points)")
-CONVENTION_OPT = typer.Option("kitti", help="input convention: kitti (ours, BP-Net KITTI), or nyu for the "
-                              "original BP-Net NYU checkpoints (ImageNet normalisation, depth x 10)")
+CONVENTION_OPT = typer.Option(None, help="input convention of an original .pth: kitti (default; BP-Net KITTI) "
+                              "or nyu (BP-Net NYU: ImageNet normalisation, depth x 10); ours record theirs")
 
 
 @app.command("eval")

@@ -49,11 +49,15 @@ def pick_device(pref: str = "auto") -> torch.device:
     return torch.device(pref)
 
 
-def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "ema", device: str = "auto"):
-    """(model in eval mode on the device, info dict) from any checkpoint the project knows."""
+def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "ema", device: str = "auto",
+                       convention: str | None = None):
+    """(model in eval mode on the device, info dict) from any checkpoint the project knows. info
+    ["convention"] is the input convention to feed it: the recorded one, else `convention`, else kitti."""
     from trainer.checkpoint import load_model
+    from trainer.model import resolve_convention
 
     model, info = load_model(ckpt, model_name, which)
+    info = {**info, "convention": resolve_convention(convention, info.get("convention"), str(ckpt))}
     return model.to(pick_device(device)).eval(), info
 
 
@@ -67,12 +71,10 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     for ours and the original KITTI checkpoints, "nyu" for the original BP-Net NYU checkpoints (ImageNet
     normalisation, depth in metres x 10 in and out). Predictions come back in metres either way.
     """
-    from trainer.model import INPUT_CONVENTIONS, normalize_rgb
+    from trainer.model import INPUT_CONVENTIONS, network_inputs
 
     if convention not in INPUT_CONVENTIONS:
         raise ValueError(f"convention must be one of {sorted(INPUT_CONVENTIONS)}, got {convention!r}")
-    conv = INPUT_CONVENTIONS[convention]
-    scale = float(conv["depth_scale"])
     device = next(model.parameters()).device
     # amp (bf16 autocast) is off by default: the original evaluates in float32, and metrics should not
     # carry bf16 rounding
@@ -80,10 +82,9 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
         if max_batches is not None and i >= max_batches:
             break
-        rgb = batch["rgb"] if convention == "kitti" else normalize_rgb(batch["rgb_raw"], conv["rgb_mean"],
-                                                                        conv["rgb_std"])
+        rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(rgb.to(device), (batch["sparse"] * scale).to(device), batch["K"].to(device))[-1]
+            out = model(rgb.to(device), sparse.to(device), batch["K"].to(device))[-1]
         out = out.float().cpu().numpy()[:, 0] / scale
         for b, key in enumerate(batch["key"]):
             top, left, h, w = (int(x) for x in batch["box"][b])
@@ -105,7 +106,7 @@ def _write_json(path: str | None, obj: dict) -> None:
 def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, model_name: str | None = None,
              which: str = "ema", crop: str | None = None, batch_size: int = 1, workers: int = 0,
              target: str = "gt", device: str = "auto", json_path: str | None = None,
-             convention: str = "kitti") -> dict:
+             convention: str | None = None) -> dict:
     """Metrics of a checkpoint on shards (per image on valid GT pixels, then mean over images).
 
     target: the member scored against, "gt" (labelled sets) or "depth" (the pseudo depth of unlabelled
@@ -113,13 +114,15 @@ def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, m
     """
     from trainer.metrics import MetricAccumulator
 
-    model, info = load_for_inference(ckpt, model_name, which, device)
+    model, info = load_for_inference(ckpt, model_name, which, device, convention)
     acc = MetricAccumulator(kind)
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target, convention=convention):
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target,
+                              convention=info["convention"]):
         acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
     result = acc.result()
     result.update(checkpoint=str(info.get("path", ckpt)), model=info.get("model_name"), step=info.get("step"),
-                  weights=which, target=target, shards=str(shards), per_image=acc.per_image)
+                  weights=which, target=target, shards=str(shards), convention=info["convention"],
+                  per_image=acc.per_image)
     _write_json(json_path, result)
     return result
 
@@ -138,7 +141,7 @@ def preview_image(p: Prediction) -> np.ndarray:
 
 def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None = None,
             model_name: str | None = None, which: str = "ema", crop: str | None = None, batch_size: int = 1,
-            workers: int = 0, device: str = "auto", convention: str = "kitti") -> dict:
+            workers: int = 0, device: str = "auto", convention: str | None = None) -> dict:
     """KITTI-submission PNGs (uint16, depth x 256) at each sample's full size as <out>/<key>.png, and
     colourised previews of the first `previews` samples under <out>/preview/."""
     from PIL import Image
@@ -146,11 +149,11 @@ def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None =
     from shared.depth import MAX_DEPTH_M, encode_depth_png
     from shared.shard import check_key
 
-    model, info = load_for_inference(ckpt, model_name, which, device)
+    model, info = load_for_inference(ckpt, model_name, which, device, convention)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=convention):
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=info["convention"]):
         name = check_key(p.key)  # keys are letters, digits, '_' and '-': never a path
         full = p.full_size()
         top, left, h, w = p.box

@@ -81,6 +81,27 @@ def normalize_rgb(rgb: Tensor, mean=KITTI_RGB_MEAN, std=KITTI_RGB_STD) -> Tensor
     return ((rgb.to(torch.float64) - mean) / std).to(torch.float32)
 
 
+def resolve_convention(requested: str | None, recorded: str | None, source: str) -> str:
+    """The input convention to use with a network: the one its checkpoint records (ours write it), else
+    the requested one, else "kitti". Asking for another than the recorded one is an error: the weights
+    were trained for that scaling."""
+    for name in (requested, recorded):
+        if name is not None and name not in INPUT_CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(INPUT_CONVENTIONS)}, got {name!r}")
+    if requested and recorded and requested != recorded:
+        raise ValueError(f"{source} was trained with the {recorded!r} input convention, not {requested!r}; "
+                         "leave out --convention")
+    return requested or recorded or "kitti"
+
+
+def network_inputs(rgb_raw: Tensor, sparse: Tensor, convention: str = "kitti") -> tuple[Tensor, Tensor, float]:
+    """(rgb, sparse) as a network of this convention takes them, and the factor its outputs are in
+    (divide by it for metres)."""
+    conv = INPUT_CONVENTIONS[convention]
+    scale = float(conv["depth_scale"])
+    return normalize_rgb(rgb_raw, conv["rgb_mean"], conv["rgb_std"]), sparse * scale, scale
+
+
 # -----------------------------------------------------------------------------
 # building blocks (attribute names are the original's: they are the checkpoint's keys)
 

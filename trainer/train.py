@@ -43,6 +43,9 @@ class TrainConfig:
     out: str = "runs/pretrain"
     model: str | None = None  # preset name; None: the --init checkpoint's network, else "bpnet-s"
     init: str | None = None  # our checkpoint / export, or an original BP-Net / DMD3C .pth
+    # input convention (trainer.model.INPUT_CONVENTIONS): None = what --init records, else kitti; "nyu" to
+    # fine-tune an original BP-Net NYU .pth (ImageNet RGB, depth x 10). Recorded in our checkpoints.
+    convention: str | None = None
     resume: bool = False
     stop_at: int | None = None  # leave (with a checkpoint) after this step; the schedule still spans `steps`
     # schedule
@@ -131,14 +134,16 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
 
 
 def build_initial_model(cfg: TrainConfig):
-    """(model, model_name): from --init (its own network unless --model differs) or a fresh preset."""
-    from trainer.model import build_model
+    """(model, model_name, convention): from --init (its own network unless --model differs, its recorded
+    input convention) or a fresh preset."""
+    from trainer.model import build_model, resolve_convention
 
     if cfg.init:
         model, info = ckpt.load_model(cfg.init, cfg.model, which="ema")
-        return model, info.get("model_name") or cfg.model or "custom"
+        convention = resolve_convention(cfg.convention, info.get("convention"), cfg.init)
+        return model, info.get("model_name") or cfg.model or "custom", convention
     name = cfg.model or "bpnet-s"
-    return build_model(name), name
+    return build_model(name), name, resolve_convention(cfg.convention, None, "a new network")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -225,16 +230,17 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and resume_from is None and master:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
     if resume_from is not None:
-        from trainer.model import build_model
+        from trainer.model import build_model, resolve_convention
 
         model_sd, meta = ckpt.read_checkpoint(resume_from, "model")
         if meta.get("stage") not in (None, cfg.stage):
             raise ValueError(f"{resume_from} is a {meta['stage']} checkpoint; this run is {cfg.stage}")
         model, model_name = build_model(meta["model_config"]), meta.get("model_name", "custom")
         model.load_state_dict(model_sd)
+        convention = resolve_convention(cfg.convention, meta.get("convention"), str(resume_from))
     else:
-        model, model_name = build_initial_model(cfg)
-    from trainer.model import model_config_dict
+        model, model_name, convention = build_initial_model(cfg)
+    from trainer.model import model_config_dict, network_inputs
 
     model.to(device)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
@@ -275,7 +281,7 @@ def train(cfg: TrainConfig) -> dict:
             torch.cuda.set_rng_state(rng["cuda"], device)
 
     meta = {"model_name": model_name, "model_config": model_config_dict(raw_model), "stage": cfg.stage,
-            "train_config": asdict(cfg)}
+            "convention": convention, "train_config": asdict(cfg)}
 
     def save(at_step: int) -> Path | None:
         rng = {"torch": torch.get_rng_state()}
@@ -330,9 +336,10 @@ def train(cfg: TrainConfig) -> dict:
             keys_file.writelines(f"{step}\t{int(e)}\t{k}\n" for e, k in zip(batch["epoch"], batch["key"], strict=True))
         batch = to_device(batch, device)
 
+        rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            preds = model(batch["rgb"], batch["sparse"], batch["K"])
-        preds = [p.float() for p in preds]
+            preds = model(rgb, sparse, batch["K"])
+        preds = [p.float() / scale for p in preds]  # metres, whatever the network's convention
         loss, parts = compute_loss(cfg, preds, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -56,3 +56,52 @@ def test_unknown_convention_is_refused(tmp_path):
     write_shards(tmp_path / "s", 1, 1)
     with pytest.raises(ValueError, match="convention"):
         list(iter_predictions(EchoSparse(), str(tmp_path / "s"), convention="imagenet"))
+
+
+def test_network_inputs_follow_the_convention():
+    from trainer.model import network_inputs, normalize_rgb
+
+    rgb = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    sparse = torch.rand(2, 1, 4, 5) * 10
+    for name, conv in INPUT_CONVENTIONS.items():
+        x, s, scale = network_inputs(rgb, sparse, name)
+        torch.testing.assert_close(x, normalize_rgb(rgb, conv["rgb_mean"], conv["rgb_std"]))
+        torch.testing.assert_close(s, sparse * conv["depth_scale"])
+        assert scale == conv["depth_scale"]
+
+
+def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_path, monkeypatch):
+    """Fine-tuning an original BP-Net NYU .pth: the network sees ImageNet RGB and depth x 10 during
+    training too, the checkpoints record "nyu", and eval/predict then need no --convention (and refuse a
+    contradicting one)."""
+    import trainer.model as tm
+    from trainer.checkpoint import export_weights, read_checkpoint, resolve
+    from trainer.evaluate import evaluate, load_for_inference
+    from trainer.train import TrainConfig, train
+
+    write_shards(tmp_path / "s", 1, 4)
+    pth = tmp_path / "nyu.pth"
+    torch.save({"net": tm.build_model("tiny").state_dict()}, pth)
+    seen = []
+    real = tm.network_inputs
+
+    def spy(rgb_raw, sparse, convention="kitti"):
+        seen.append(convention)
+        return real(rgb_raw, sparse, convention)
+
+    monkeypatch.setattr(tm, "network_inputs", spy)
+    cfg = TrainConfig(stage="finetune", shards=str(tmp_path / "s"), out=str(tmp_path / "ft"), init=str(pth),
+                      model="tiny", convention="nyu", steps=2, batch_size=2, crop="64x96", workers=0,
+                      log_every=1, ckpt_every=10_000, progress=False)
+    summary = train(cfg)
+    assert seen == ["nyu", "nyu"] and np.isfinite(summary["final_loss"])
+    ckpt = resolve(tmp_path / "ft")
+    assert read_checkpoint(ckpt)[1]["convention"] == "nyu"
+    export = export_weights(ckpt, tmp_path / "export.safetensors")
+    for src in (ckpt, export):
+        assert load_for_inference(str(src), device="cpu")[1]["convention"] == "nyu"
+    with pytest.raises(ValueError, match="'nyu' input convention"):
+        evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", convention="kitti", device="cpu")
+    assert evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", device="cpu")["convention"] == "nyu"
+    # a new network, or an original .pth without --convention, is a KITTI-convention one
+    assert load_for_inference(str(pth), "tiny", device="cpu")[1]["convention"] == "kitti"
