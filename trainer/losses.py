@@ -215,7 +215,7 @@ def _per_image_gradient_matching(residual: Tensor, mask: Tensor, scales: int) ->
         gy = (rk[..., 1:, :] - rk[..., :-1, :]).abs() * (mk[..., 1:, :] & mk[..., :-1, :])
         total = gx.flatten(1).sum(1) + gy.flatten(1).sum(1)
         per_scale.append(total / _image_counts(mk).clamp(min=1))
-    return torch.stack(per_scale, 0).mean(0)
+    return torch.stack(per_scale, 0).sum(0)
 
 
 def gradient_matching_loss(pred: Tensor, aligned_teacher: Tensor, mask: Tensor, scales: int = 4,
@@ -228,7 +228,8 @@ def gradient_matching_loss(pred: Tensor, aligned_teacher: Tensor, mask: Tensor, 
         G_ik = ( sum_{x,y} M^k(x,y) M^k(x+1,y) |R^k(x+1,y) - R^k(x,y)|
                + sum_{x,y} M^k(x,y) M^k(x,y+1) |R^k(x,y+1) - R^k(x,y)| ) / sum M^k
     (a difference counts only where both pixels are valid; an empty scale gives 0). Then
-        L_reg = mean over images with >= min_pixels valid of (1/scales) sum_k G_ik.
+        L_reg = mean over images with >= min_pixels valid of sum_k G_ik
+    (the paper's sum over its 4 scales, each normalised by its own valid-pixel count, as MiDaS).
     A constant residual (prediction = aligned teacher + c) gives 0: the term asks for the
     teacher's edges, not its values. Units those of pred (1/m in disparity space).
     """
@@ -245,7 +246,8 @@ class DistillLossConfig:
     """Weights and settings of L = L_sup + lambda_ssi L_SSI + lambda_reg L_reg.
 
     lambda_ssi = 1: the paper adds L_SSI unweighted. lambda_reg = 0.5: the paper gives no weight
-    for its gradient term; the term is MiDaS's gradient matching and 0.5 is MiDaS's weight for it.
+    for its gradient term; the term is MiDaS's gradient matching (summed over 4 scales) and 0.5 is
+    MiDaS's weight for that sum.
     Both are in disparity units (1/m) by default, so they are numerically ~10-100x smaller than
     L_sup in metres on KITTI: the labels set the metric scale, the teacher adds structure.
     """

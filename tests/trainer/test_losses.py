@@ -65,7 +65,7 @@ def np_grad_match(residual, mask, scales, min_pixels):
                     if y + 1 < r.shape[0] and m[y, x] and m[y + 1, x]:
                         total += abs(r[y + 1, x] - r[y, x])
             per_scale.append(total / m.sum() if m.sum() else 0.0)
-        out.append(np.mean(per_scale))
+        out.append(np.sum(per_scale))  # the paper's sum over scales k = 1..4 (as MiDaS's GradientLoss)
     return float(np.mean(out)) if out else 0.0
 
 
