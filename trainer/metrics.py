@@ -23,7 +23,7 @@ LABELS = {"rmse_mm": "RMSE [mm]", "mae_mm": "MAE [mm]", "irmse_per_km": "iRMSE [
           "delta1": "δ<1.25", "delta2": "δ<1.25²", "delta3": "δ<1.25³"}
 
 
-def _valid_pairs(pred_m: np.ndarray, gt_m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _valid_pairs(pred_m: np.ndarray, gt_m: np.ndarray, floor: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
     pred = np.asarray(pred_m, dtype=np.float64)
     gt = np.asarray(gt_m, dtype=np.float64)
     if pred.shape != gt.shape:
@@ -32,11 +32,12 @@ def _valid_pairs(pred_m: np.ndarray, gt_m: np.ndarray) -> tuple[np.ndarray, np.n
     if not valid.any():
         return None
     p = pred[valid]
-    p = np.where(np.isfinite(p), np.maximum(p, PRED_FLOOR_M), PRED_FLOOR_M)
+    if floor:
+        p = np.where(np.isfinite(p), np.maximum(p, PRED_FLOOR_M), PRED_FLOOR_M)
     return p, gt[valid]
 
 
-def kitti_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> dict[str, float] | None:
+def kitti_metrics(pred_m: np.ndarray, gt_m: np.ndarray, floor: bool = True) -> dict[str, float] | None:
     """KITTI DC metrics of one image, or None when no GT pixel is valid (the image is skipped).
 
     Over the n pixels with gt > 0, with depths d (prediction) and g (GT) in metres:
@@ -47,8 +48,10 @@ def kitti_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> dict[str, float] | No
     The devkit computes in m and 1/m; the leaderboard's mm and 1/km are those x 1000. Predictions
     that are non-positive or not finite are read as PRED_FLOOR_M = 1/256 m, the smallest depth a
     submission PNG can hold (a 0 there means "no value", which score_dirs fills as the devkit does).
+    floor=False takes the values as they are (score_dirs: a filled PNG, where the devkit's -1 m marks
+    what its fill leaves empty).
     """
-    pair = _valid_pairs(pred_m, gt_m)
+    pair = _valid_pairs(pred_m, gt_m, floor)
     if pair is None:
         return None
     d, g = pair
@@ -62,15 +65,15 @@ def kitti_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> dict[str, float] | No
     }
 
 
-def nyu_metrics(pred_m: np.ndarray, gt_m: np.ndarray) -> dict[str, float] | None:
+def nyu_metrics(pred_m: np.ndarray, gt_m: np.ndarray, floor: bool = True) -> dict[str, float] | None:
     """NYUv2 metrics of one image, or None when no GT pixel is valid.
 
     Over the n pixels with gt > 0 (d, g in metres):
         RMSE [m] = sqrt( (1/n) sum (d - g)^2 );   REL = (1/n) sum |d - g| / g
         delta_k  = (1/n) #{ max(d/g, g/d) < 1.25^k },  k = 1, 2, 3   (fractions in 0..1)
-    Non-positive predictions are read as PRED_FLOOR_M, as in kitti_metrics.
+    Non-positive predictions are read as PRED_FLOOR_M, as in kitti_metrics (unless floor=False).
     """
-    pair = _valid_pairs(pred_m, gt_m)
+    pair = _valid_pairs(pred_m, gt_m, floor)
     if pair is None:
         return None
     d, g = pair
@@ -99,8 +102,9 @@ class MetricAccumulator:
         self.kind = kind
         self.per_image: list[dict] = []  # {"name", **metrics} or {"name", "skipped": True}
 
-    def add(self, pred_m: np.ndarray, gt_m: np.ndarray, name: str | None = None) -> dict[str, float] | None:
-        m = _METRIC_FNS[self.kind](pred_m, gt_m)
+    def add(self, pred_m: np.ndarray, gt_m: np.ndarray, name: str | None = None,
+            floor: bool = True) -> dict[str, float] | None:
+        m = _METRIC_FNS[self.kind](pred_m, gt_m, floor)
         name = name if name is not None else str(len(self.per_image))
         self.per_image.append({"name": name, "skipped": True} if m is None else {"name": name, **m})
         return m
@@ -117,6 +121,9 @@ class MetricAccumulator:
 # -----------------------------------------------------------------------------
 # scoring PNG folders, as the devkit does
 
+DEVKIT_MISSING_M = -1.0  # what the devkit's io_depth.h holds for "no value" and scores as is
+
+
 def read_depth_png(path: str | Path) -> np.ndarray:
     """A KITTI-style uint16 depth PNG as float32 metres (value / 256, 0 = no value)."""
     path = Path(path)
@@ -129,7 +136,8 @@ def fill_invalid_like_devkit(depth_m: np.ndarray) -> np.ndarray:
     Per row: a run of missing pixels between two valid ones takes the smaller (nearer) of the two;
     missing pixels before the first / after the last valid one of the row take that value. Then per
     column, rows left fully empty above the first / below the last filled row take that row's value.
-    (Empty rows between filled rows stay 0, as in the devkit; kitti_metrics floors them.)
+    Empty rows between filled rows stay what the devkit leaves there, its "invalid" -1, which it
+    then scores as a depth of -1 m (raw LiDAR scans, scored as a baseline, have many such rows).
     """
     d = np.array(depth_m, dtype=np.float32)
     valid = d > 0
@@ -144,7 +152,7 @@ def fill_invalid_like_devkit(depth_m: np.ndarray) -> np.ndarray:
     has_l, has_r = prev >= 0, nxt < w
     fill = np.where(has_l & has_r, np.minimum(left, right), np.where(has_l, left, right))
     row_ok = valid.any(axis=1)
-    d = np.where(valid, d, np.where(row_ok[:, None], fill, 0.0)).astype(np.float32)
+    d = np.where(valid, d, np.where(row_ok[:, None], fill, DEVKIT_MISSING_M)).astype(np.float32)
     rows = np.flatnonzero(row_ok)
     d[: rows[0]] = d[rows[0]]
     d[rows[-1] + 1:] = d[rows[-1]]
@@ -187,7 +195,7 @@ def score_dirs(pred_dir: str | Path, gt_dir: str | Path, kind: str = "kitti") ->
                              f"{gt_path} {gt.shape[1]}x{gt.shape[0]} (W x H)")
         if not (pred > 0).any():
             raise ValueError(f"{pred_path}: prediction holds no depth value (all pixels 0)")
-        acc.add(fill_invalid_like_devkit(pred), gt, name=gt_path.name)
+        acc.add(fill_invalid_like_devkit(pred), gt, name=gt_path.name, floor=False)
     out = acc.result()
     out["per_image"] = acc.per_image
     out["unused_predictions"] = sorted(p.name for p in pred_dir.glob("*.png") if p.name not in used)

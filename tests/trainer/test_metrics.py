@@ -64,8 +64,8 @@ def test_all_invalid_gt_is_skipped_not_zero():
 
 
 def _devkit_fill_loops(d):
-    """Literal transcription of DepthImage::interpolateBackground (invalid = -1 there, 0 here)."""
-    d = d.astype(np.float32).copy()
+    """Literal transcription of DepthImage::interpolateBackground (0 in, the devkit's -1 for invalid)."""
+    d = np.where(d > 0, d, -1).astype(np.float32)
     h, w = d.shape
     ok = lambda u, v: d[v, u] > 0  # noqa: E731
     for v in range(h):
@@ -104,10 +104,10 @@ def test_fill_matches_devkit_loops():
     d = rng.uniform(1, 80, (14, 23)) * (rng.random((14, 23)) < 0.3)
     d[:2] = 0      # empty rows at the top,
     d[-3:] = 0     # at the bottom,
-    d[7] = 0       # and in the middle (stays 0, as in the devkit)
+    d[7] = 0       # and in the middle (stays invalid, -1, as in the devkit)
     got = fill_invalid_like_devkit(d)
     np.testing.assert_array_equal(got, _devkit_fill_loops(d))
-    assert (got[7] == 0).all() and (got[:7] > 0).all() and (got[8:] > 0).all()
+    assert (got[7] == -1).all() and (got[:7] > 0).all() and (got[8:] > 0).all()
     np.testing.assert_array_equal(fill_invalid_like_devkit(np.array([[10.0, 0.0, 0.0, 12.0]])), [[10, 10, 10, 12]])
 
 
@@ -152,6 +152,19 @@ def test_score_dirs_fills_holes_and_accepts_kitti_names(tmp_path):
     r = score_dirs(pred_dir, gt_dir)
     assert r["metrics"]["mae_mm"] == 0.0  # the hole took min(10, 12), as the devkit fills it
     np.testing.assert_array_equal(read_depth_png(gt_dir / name), np.array([[10, 10, 12]], np.float32))
+
+
+def test_score_dirs_scores_an_empty_middle_row_as_the_devkit(tmp_path):
+    """Between LiDAR rings whole rows hold no point; the devkit's fill leaves them at -1 m and scores
+    them so (not at the 1/256 m floor used for our own non-positive outputs)."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    _write_png(gt_dir / "a.png", [[10.0, 10.0], [11.0, 11.0], [12.0, 12.0]])
+    _write_png(pred_dir / "a.png", [[10.0, 10.0], [0.0, 0.0], [12.0, 12.0]])
+    m = score_dirs(pred_dir, gt_dir)["metrics"]
+    assert m["mae_mm"] == pytest.approx(1000.0 * (2 * 12.0) / 6)  # |-1 - 11| on 2 of 6 pixels
+    assert m["imae_per_km"] == pytest.approx((2 * abs(1000.0 / -1 - 1000.0 / 11)) / 6)
 
 
 def test_score_dirs_errors_name_the_file(tmp_path):
