@@ -209,6 +209,22 @@ def checkpoint_of(run_dir: Path | None) -> str | None:
     return str(found[-1]) if found else str(run_dir)
 
 
+def machine() -> dict:
+    """What produced the numbers: the commit, the CPU count, torch and the device."""
+    import platform
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"git_commit": commit, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
+
+
 def table(results: dict) -> str:
     lines = ["| variant | RMSE (m) | MAE (m) | RMSE no-label region (m) | MAE no-label region (m) |",
              "|---|---:|---:|---:|---:|"]
@@ -257,7 +273,8 @@ def main() -> None:
     metrics = evaluate(preds, data["eval"], out, p.previews)
     timings["total_s"] = time.time() - t0
     results = {
-        "preset": args.preset, "config": asdict(p), "timings": timings,
+        "preset": args.preset, "config": asdict(p), "timings": timings, "machine": machine(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "no_label_region": f"top {NO_LABEL_FRACTION:.0%} of rows",
         "variants": {v: {"description": d, "checkpoint": checkpoint_of(ckpts.get(v)),
                          "metrics": metrics[v]} for v, d in VARIANTS},
