@@ -60,12 +60,12 @@ lint: setup
 demo: setup
 	$(BIN)/python scripts/ablation.py --preset demo
 
-# The same ablation at a larger scale. PRESET=bench (bpnet-s, 4000 scenes at 608x192; for a GPU or a
-# long CPU run) or PRESET=cpu (~1.5 h on 2 CPU cores); ARGS="--n-pretrain 8000 --pretrain-steps 20000"
-# changes any number. Output: runs/synthetic-$(PRESET)/results.json.
-PRESET ?= bench
+# The same ablation at a larger scale. SCALE=bench (bpnet-s, 4000 scenes at 608x192; for a GPU or a
+# long CPU run) or SCALE=cpu (~1.5 h on 2 CPU cores); ARGS="--n-pretrain 8000 --pretrain-steps 20000"
+# changes any number. Output: runs/synthetic-$(SCALE)/results.json. (Not PRESET: finetune-* use that.)
+SCALE ?= bench
 bench-synthetic: setup
-	$(BIN)/python scripts/ablation.py --preset $(PRESET) $(ARGS)
+	$(BIN)/python scripts/ablation.py --preset $(SCALE) $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/run_all.py

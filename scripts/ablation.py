@@ -1,7 +1,7 @@
 """The paper's ablation on the synthetic world, where the true depth is known everywhere.
 
     python scripts/ablation.py --preset demo   # `make demo`: minutes on 2 CPU cores
-    python scripts/ablation.py --preset cpu    # `make bench-synthetic PRESET=cpu`: ~1.5 h on 2 CPU cores
+    python scripts/ablation.py --preset cpu    # `make bench-synthetic SCALE=cpu`: ~1.5 h on 2 CPU cores
     python scripts/ablation.py --preset bench  # `make bench-synthetic`: larger, for more time or a GPU
 
 Steps, each a call of the project's own command lines (so this is also an end-to-end test of them):
@@ -68,7 +68,7 @@ PRESETS = {
                    crop="64x192", batch_size=8, pretrain_steps=300, finetune_steps=120,
                    pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50),
     # cpu: the demo's frame and crop at ~5x the data and ~4x the steps, with the bpnet-s network;
-    # about 1.5 h on 2 CPU cores (`make bench-synthetic PRESET=cpu`; its table is in the README).
+    # about 1.5 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
                   crop="64x192", batch_size=8, pretrain_steps=1200, finetune_steps=400,
                   pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100),
