@@ -95,15 +95,19 @@ def project_files() -> list[Path]:
 
 # The planted unsafe calls are assembled from parts so that a plain text search of the repository for
 # unsafe loads finds only real code (there is none); the AST scanner sees the assembled source.
-_LOAD, _TRC = "lo" + "ad", "trust_remote" + "_code"
+_LOAD, _TRC, _WO, _AP = "lo" + "ad", "trust_remote" + "_code", "weights" + "_only", "allow" + "_pickle"
+
+
+def _planted(module: str, alias: str, *kwargs: str) -> str:
+    """'import <module>' and a call of <alias>'s loader on 'x' with kwargs, as source text."""
+    return f"import {module}\n{alias}." + _LOAD + "(" + ", ".join(["'x'", *kwargs]) + ")"
 
 
 @pytest.mark.parametrize("snippet", [
     "import pickle", "import dill as d", "from _pickle import loads", "import cloudpickle",
-    "from joblib import load", f"import joblib\njoblib.{_LOAD}('x')", "import pandas as pd\npd.read_pickle('x')",
-    f"import numpy as np\nnp.{_LOAD}('x')", f"import numpy\nnumpy.{_LOAD}('x', allow_pickle=True)",
-    f"import torch\ntorch.{_LOAD}('x')", f"import torch\ntorch.{_LOAD}('x', weights_only=False)",
-    f"import torch\ntorch.{_LOAD}('x', weights_only=flag)",
+    "from joblib import load", _planted("joblib", "joblib"), "import pandas as pd\npd.read_pickle('x')",
+    _planted("numpy as np", "np"), _planted("numpy", "numpy", _AP + "=True"),
+    _planted("torch", "torch"), _planted("torch", "torch", _WO + "=False"), _planted("torch", "torch", _WO + "=flag"),
     f"M.from_pretrained('x', {_TRC}=False)", f"f({_TRC}=True)",
     f"kw = {{'{_TRC}': True}}",
 ])
