@@ -7,9 +7,17 @@ normalised disparity is mapped *linearly in inverse depth* between 1/far and 1/n
 of a correct disparity stays a correct disparity of some scene, so the result is exactly the teacher's
 geometry up to the one affine ambiguity it has, fixed by (near, far).
 
-Sky: the teacher pushes pixels at infinity to its minimum. After min-max normalisation, pixels at or
-below `sky_threshold` (and non-finite ones) have no surface and get depth 0 (= invalid), which the
-mesh then leaves as a hole, as a real LiDAR gets no return from the sky.
+Sky is what has no surface: the pixels the teacher puts at infinity. Depth Anything is trained with
+the sky's disparity set to zero and its relative head ends in a ReLU, so its sky sits at (or within
+a hair of) its output's zero, while the farthest real surface of a sky-free photo (the back wall of a
+room, a street's end) keeps a clearly positive disparity. So a pixel is sky when its disparity is
+at most `sky_threshold` (default 1%) of the map's maximum -- measured from the teacher's zero, not
+from the map's own minimum: a map without sky keeps all of its pixels, and a map with sky drops the
+sky. (Measuring from the minimum, as this module once did, deleted the farthest 2% of every sky-free
+image: the far wall of rooms, 34-64 m of street.) Non-finite pixels have no surface either. Sky
+pixels get depth 0 (= invalid), which the mesh leaves as a hole, as a real LiDAR gets no return
+from the sky. A teacher whose zero is not infinity (negative outputs) is not a disparity teacher and
+needs its own conversion.
 """
 
 from __future__ import annotations
@@ -65,12 +73,14 @@ def sample_near_far(rng: np.random.Generator, scene: str | DepthRange = "any") -
 
 
 def disparity_to_depth(disp: np.ndarray, rng: np.random.Generator, scene: str | DepthRange = "any",
-                       sky_threshold: float = 0.02, near_m: float | None = None,
+                       sky_threshold: float = 0.01, near_m: float | None = None,
                        far_m: float | None = None) -> tuple[np.ndarray, dict]:
     """Turn relative disparity (H x W, larger = nearer) into metric depth (H x W float32, 0 = no surface).
 
-    1. n = (disp - min) / (max - min) over finite pixels; sky = n <= sky_threshold or non-finite.
-    2. Over the remaining (valid) pixels, t = (n - n_min) / (n_max - n_min) in [0, 1].
+    1. sky = non-finite, or disp <= sky_threshold * max(disp) (the teacher's zero is infinity; see the
+       module docstring); a map whose maximum is not positive has no surface at all.
+    2. Over the remaining (valid) pixels, t = (disp - d_min) / (d_max - d_min) in [0, 1] (t = 1 for a
+       constant map: one fronto-parallel plane at `near`).
     3. 1 / depth = 1/far + t * (1/near - 1/far): the nearest valid pixel is at `near`, the farthest at
        `far`, and inverse depth is an affine function of the teacher's disparity.
     near_m / far_m override the sampled values (for tests or a known scene scale); rng is then unused.
@@ -93,14 +103,13 @@ def disparity_to_depth(disp: np.ndarray, rng: np.random.Generator, scene: str | 
         return depth, info
     lo, hi = float(disp[finite].min()), float(disp[finite].max())
     info.update(disp_min=lo, disp_max=hi)
-    if hi <= lo:  # a constant map has no structure: no pixel can be placed
+    if hi <= 0:  # everything at the teacher's zero or below: no surface
         return depth, info
-    n = np.where(finite, (disp - lo) / (hi - lo), 0.0)
-    valid = finite & (n > sky_threshold)
+    valid = finite & (np.where(finite, disp, 0.0) > sky_threshold * hi)
     if valid.any():
-        nv = n[valid]
-        n_lo, n_hi = float(nv.min()), float(nv.max())
-        t = (nv - n_lo) / (n_hi - n_lo) if n_hi > n_lo else np.ones_like(nv)
+        dv = disp[valid]
+        d_lo, d_hi = float(dv.min()), float(dv.max())
+        t = (dv - d_lo) / (d_hi - d_lo) if d_hi > d_lo else np.ones_like(dv)
         inv = 1.0 / far + t * (1.0 / near - 1.0 / far)
         depth[valid] = (1.0 / inv).astype(np.float32)
     info.update(sky_fraction=float(1.0 - valid.mean()), valid_fraction=float(valid.mean()))

@@ -59,5 +59,42 @@ def test_same_seed_same_bytes():
 def test_degenerate_inputs():
     d, info = disparity_to_depth(np.full((4, 4), np.nan), np.random.default_rng(0))
     assert (d == 0).all() and info["valid_fraction"] == 0
-    d, _ = disparity_to_depth(np.ones((4, 4)), np.random.default_rng(0))
+    d, info = disparity_to_depth(np.zeros((4, 4)), np.random.default_rng(0))  # all sky
+    assert (d == 0).all() and info["sky_fraction"] == 1
+    d, _ = disparity_to_depth(-np.ones((4, 4)), np.random.default_rng(0))  # nothing in front of infinity
     assert (d == 0).all()
+    d, info = disparity_to_depth(np.ones((4, 4)), np.random.default_rng(0), near_m=2.0, far_m=9.0)
+    assert (d == 2.0).all() and info["valid_fraction"] == 1  # a constant map: one plane, at near
+
+
+def _true_disparity_maps():
+    """(name, relative disparity, has-surface mask) of sky-free and sky maps: affine maps of 1/depth."""
+    from datagen.synthetic import oracle_teacher, render_scene
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:64] / np.array([47.0, 63.0])[:, None, None]
+    room = 0.5 + 9.5 * (1 - yy) * (0.5 + 0.5 * xx)             # 0.5-10 m, the far wall at the top left
+    street = 2.0 / (0.03 + yy)                                 # ground up to ~67 m, no sky in view
+    out = []
+    for name, depth, scale, shift in (("room", room, 3.1, 0.0), ("street-no-sky", street, 40.0, 0.2)):
+        out.append((name, scale / depth + shift, np.ones(depth.shape, bool)))
+    for fam in ("room", "street"):  # the synthetic world through the oracle teacher (its default errors)
+        s = render_scene(5, fam, 96, 64)
+        out.append((f"synthetic-{fam}", oracle_teacher(s.depth_m, rng), s.depth_m > 0))
+    s = render_scene(5, "street", 96, 64)
+    below = s.depth_m[40:]  # the rows below the horizon: a street photo without sky
+    assert (below > 0).all()
+    out.append(("synthetic-street-below-horizon", oracle_teacher(below, rng), np.ones(below.shape, bool)))
+    return out
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_sky_is_what_has_no_surface(case):
+    """A sky-free map keeps every pixel (its farthest surface too); a map with sky drops exactly the sky.
+    The old rule (the farthest 2% of the min-max range) deleted the far wall of every sky-free image."""
+    name, disp, surface = _true_disparity_maps()[case]
+    depth, info = disparity_to_depth(disp, np.random.default_rng(1), scene="any")
+    np.testing.assert_array_equal(depth > 0, surface, err_msg=name)
+    assert info["valid_fraction"] == pytest.approx(surface.mean())
+    # the farthest surface is placed at `far`, whatever the map's own minimum
+    assert depth[surface].max() == pytest.approx(info["far_m"], rel=1e-5)
