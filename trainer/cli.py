@@ -49,7 +49,12 @@ def _train_command(stage: str):
         log_every: int = typer.Option(None, help="steps between log lines"),
         lambda_ssi: float = typer.Option(None, help="finetune: weight of L_SSI"),
         lambda_reg: float = typer.Option(None, help="finetune: weight of L_reg"),
-        space: str = typer.Option(None, help="finetune: alignment space, disparity or depth"),
+        space: str = typer.Option(None, help="finetune: where the teacher is fitted: disparity (default; Depth "
+                                  "Anything's output) or depth (needs depth.png, i.e. unlabelled shards)"),
+        penalty: str = typer.Option(None, help="finetune: units of L_SSI/L_reg: depth (default, metres as L_sup) "
+                                    "or disparity (1/m: the pre-metric penalty, ~100x weaker)"),
+        fit: str = typer.Option(None, help="finetune: lsq (default, closed-form scale and shift) or l1 "
+                                "(the L1-optimal scale and shift: robust to outliers)"),
         threads: int = typer.Option(None, help="torch CPU threads"),
         json_path: str = typer.Option(None, "--json", help="write the run summary here"),
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
@@ -64,7 +69,8 @@ def _train_command(stage: str):
         given = {"shards": shards, "model": model, "init": init, "steps": steps, "batch_size": batch_size,
                  "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
-                 "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "threads": threads,
+                 "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
+                 "fit": fit, "threads": threads,
                  "json": json_path, "convention": convention}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})

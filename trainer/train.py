@@ -70,8 +70,11 @@ class TrainConfig:
     # fine-tuning loss (trainer.losses.DistillLossConfig)
     lambda_ssi: float = 1.0
     lambda_reg: float = 0.5
-    space: str = "disparity"
+    space: str = "disparity"  # where the teacher is fitted: disparity, or depth (needs depth.png in the shards)
+    penalty: str = "depth"  # units of L_SSI / L_reg: depth (metres, as L_sup) or disparity (1/m, ~100x weaker)
+    fit: str = "lsq"  # lsq (closed form) or l1 (the L1-optimal scale and shift)
     sup_loss: str = "l1"
+    log_pulls: bool = True  # log each term's gradient pull on the prediction (pull_*, share_* in log.csv)
     # bookkeeping
     log_every: int = 10
     ckpt_every: int = 500
@@ -151,25 +154,42 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def distill_config(cfg: TrainConfig):
+    """The fine-tuning loss settings of a run (raises ValueError on a bad --space/--penalty/--fit)."""
+    from trainer.losses import DistillLossConfig
+
+    return DistillLossConfig(lambda_ssi=cfg.lambda_ssi, lambda_reg=cfg.lambda_reg, space=cfg.space,
+                             penalty=cfg.penalty, fit=cfg.fit, sup_kind=cfg.sup_loss)
+
+
 def compute_loss(cfg: TrainConfig, preds: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
-    from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
+    from trainer.losses import distill_loss, pretrain_loss
 
     if cfg.stage == "pretrain":
         loss = pretrain_loss(preds, batch["depth"], batch["depth"] > 0)
         return loss, {"loss": loss}
     if cfg.space == "depth":  # a depth-like teacher: the shards' dense pseudo depth
+        missing = [k for k, has in zip(batch["key"], batch["has_depth"].tolist(), strict=True) if not has]
+        if missing:
+            raise ValueError(
+                f"--space depth fits the teacher in depth and needs each sample's dense pseudo depth "
+                f"(depth.png), but {len(missing)} of this batch have none (e.g. {missing[0]}). Labelled "
+                "shards (kitti, nyu, synthetic --labelled) hold the teacher's disparity (teacher.png) only: "
+                "use --space disparity (the default), which fits in disparity and penalises in metres.")
         batch = {**batch, "teacher_depth": batch["depth"]}
-    loss_cfg = DistillLossConfig(lambda_ssi=cfg.lambda_ssi, lambda_reg=cfg.lambda_reg, space=cfg.space,
-                                 sup_kind=cfg.sup_loss)
-    total, parts = distill_loss(preds, batch, loss_cfg)
+    total, parts = distill_loss(preds, batch, distill_config(cfg), pulls=cfg.log_pulls)
     return total, {"loss": total, **{k: v for k, v in parts.items() if k != "total"}}
 
 
 class RunLog:
     """CSV (always) and TensorBoard (when installed) logs of rank 0; appends on resume."""
 
+    # pull_* / share_*: each fine-tuning term's gradient on the final output (trainer.losses.gradient_pulls),
+    # over all pixels and over the pixels without a label
+    PULLS = tuple(f"{kind}_{t}{where}" for t in ("sup", "ssi", "reg") for kind, where in
+                  (("pull", ""), ("pull", "_unlabelled"), ("share", "")))
     COLUMNS = ("step", "samples", "loss", "sup", "ssi", "reg", "lr", "grad_norm", "samples_per_s", "skipped",
-               "elapsed_s")
+               "elapsed_s", *PULLS)
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
@@ -197,8 +217,9 @@ class RunLog:
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "samples") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k if k in ("lr", "grad_norm", "samples_per_s", "skipped") else f"loss/{k}",
-                                       v, row["step"])
+                    group = "pull/" if k.startswith(("pull_", "share_")) else "loss/"
+                    tag = k if k in ("lr", "grad_norm", "samples_per_s", "skipped", "elapsed_s") else group + k
+                    self.tb.add_scalar(tag, v, row["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -211,6 +232,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run one stage; returns the summary (also written to cfg.json by rank 0)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.stage == "finetune":
+        distill_config(cfg)  # refuse bad loss settings before any work
     crop_hw = parse_hw(cfg.crop)
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0

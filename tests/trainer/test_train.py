@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_shards
 
-from trainer.train import EMA, TrainConfig, lr_at, param_groups, train
+from trainer.train import EMA, RunLog, TrainConfig, compute_loss, lr_at, param_groups, train
 
 
 def fixed_batch_config(tmp_path, stage: str, steps: int, lr: float) -> TrainConfig:
@@ -45,6 +45,27 @@ def test_finetune_loss_goes_down_and_logs_its_terms(tmp_path):
     first = rows[0]
     total = float(first["sup"]) + cfg.lambda_ssi * float(first["ssi"]) + cfg.lambda_reg * float(first["reg"])
     assert total == pytest.approx(float(first["loss"]), rel=1e-5)
+    # each term's pull on the prediction is logged, so a user sees whether distillation pulls
+    assert set(RunLog.PULLS) <= set(rows[0])
+    for r in rows:
+        shares = [float(r[f"share_{t}"]) for t in ("sup", "ssi", "reg")]
+        assert sum(shares) == pytest.approx(1.0, rel=1e-4) and min(shares) > 0.05, shares
+        assert float(r["pull_ssi_unlabelled"]) > 0 and float(r["pull_sup_unlabelled"]) == 0
+
+
+def test_space_depth_refuses_samples_without_pseudo_depth():
+    """--space depth fits the teacher in depth, which only unlabelled shards (depth.png) allow; on labelled
+    shards it used to turn distillation silently off (both terms 0)."""
+    b = 2
+    batch = {"key": ["kitti-a", "kitti-b"], "has_depth": torch.tensor([True, False]),
+             "depth": torch.rand(b, 1, 8, 8) + 1, "gt": torch.rand(b, 1, 8, 8) + 1,
+             "teacher": torch.rand(b, 1, 8, 8) + 0.1}
+    preds = [torch.rand(b, 1, 8, 8) + 1 for _ in range(6)]
+    with pytest.raises(ValueError, match="kitti-b.*--space disparity"):
+        compute_loss(TrainConfig(stage="finetune", space="depth"), preds, batch)
+    batch["has_depth"][:] = True
+    _, parts = compute_loss(TrainConfig(stage="finetune", space="depth"), preds, batch)
+    assert parts["ssi"] > 0
 
 
 def test_one_cycle_schedule_shape():
