@@ -1,23 +1,33 @@
 """The paper's ablation on the synthetic world, where the true depth is known everywhere.
 
-    python scripts/ablation.py --preset demo   # `make demo`: minutes on 2 CPU cores
-    python scripts/ablation.py --preset cpu    # `make bench-synthetic SCALE=cpu`: ~1.5 h on 2 CPU cores
+    python scripts/ablation.py --preset demo   # `make demo`: ~15 min on 2 CPU cores
+    python scripts/ablation.py --preset cpu    # `make bench-synthetic SCALE=cpu`: ~2 h on 2 CPU cores
     python scripts/ablation.py --preset bench  # `make bench-synthetic`: larger, for more time or a GPU
 
+The world models the paper's setting (docs/synthetic_world.md):
+- pre-training side, "internet photos": mixed scene families (street, room, ...), a random camera per
+  scene, a random LiDAR pattern and mount per scene with an ideal sensor, and pseudo depth from the
+  oracle teacher (the errors of a real monocular model) placed between a random near and far;
+- target side, "KITTI": street scenes through one fixed rig (datagen/rig.py: KITTI's camera scaled
+  to the frame, an hdl64 scaled with it on KITTI's mount, range noise and dropout), semi-dense GT
+  accumulated from 11 scans (nothing above the top laser's reach), and held-out scenes from a seed
+  nobody trained or tuned on, with dense GT.
+
 Steps, each a call of the project's own command lines (so this is also an end-to-end test of them):
-1. `datagen run --source synthetic`: unlabelled street scenes (pre-training: RGB, simulated LiDAR,
-   pseudo depth from the oracle teacher), a small labelled set with `--gt semi` (KITTI-like: no
-   labels in the upper 30-40% of each image, random holes), and held-out scenes from another seed
-   with `--gt dense` for evaluation.
+1. `datagen run --source synthetic` for the three sets.
 2. `trainer pretrain`, then `trainer finetune` for: no pre-training (full losses), pre-training then
-   L_sup only, pre-training then L_sup + L_SSI + L_reg (the full method).
-3. `trainer predict` on the held-out scenes; RMSE and MAE overall and in the region that never had
-   training labels (the top 30% of rows), against plain nearest-neighbour interpolation of the
-   sparse input and the pre-trained model used zero-shot.
+   L_sup only, pre-training then L_sup + L_SSI + L_reg (the full method); each fine-tuning once per
+   training seed (--seeds).
+3. `trainer predict` on the held-out scenes; RMSE and MAE per image, overall and in the rows that never
+   had a training label (above every label of the fine-tuning set), against nearest-neighbour
+   interpolation of the sparse input and the pre-trained model used zero-shot.
+4. For every variant, its difference from the full method with a 95% bootstrap interval over the
+   held-out scenes (per-scene errors averaged over the training seeds, then scenes resampled); a
+   difference is called significant when its interval excludes 0.
 
 The demo writes its unlabelled set to shards/synthetic (datagen's default output) and everything
 else under --out (default runs/demo): the labelled sets, one run directory (with checkpoints) per
-variant, predictions, previews/, shards_preview.png and results.json.
+variant and seed, predictions, previews/, shards_preview.png, results.json and results.md.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -38,8 +50,6 @@ sys.path.insert(0, str(ROOT))
 
 from shared.depth import decode_depth_png  # noqa: E402
 from shared.shard import iter_samples  # noqa: E402
-
-NO_LABEL_FRACTION = 0.30  # the semi GT never labels rows above 30% of the height (see sources/synthetic.py)
 
 
 @dataclass
@@ -57,24 +67,26 @@ class Preset:
     pretrain_lr: float
     finetune_lr: float
     shard_size: int
+    seeds: int = 1          # fine-tuning runs per variant, seeds 0 .. seeds-1
     workers: int = 2
     previews: int = 3
+    bootstrap: int = 2000   # resamples of the held-out scenes
 
 
 PRESETS = {
-    # demo: ~11 min on 2 CPU cores. The tiny network on 64x192 crops is what fits; the images stay
+    # demo: ~15 min on 2 CPU cores. The tiny network on 64x192 crops is what fits; the images stay
     # 384x128 and predictions are made on the whole frame.
-    "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=24, model="tiny",
+    "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=32, model="tiny",
                    crop="64x192", batch_size=8, pretrain_steps=300, finetune_steps=120,
                    pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50),
-    # cpu: the demo's frame and crop at ~5x the data and ~4x the steps, with the bpnet-s network;
-    # about 1.5 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
+    # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network and three fine-tuning
+    # seeds; about 2 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
-                  crop="64x192", batch_size=8, pretrain_steps=1200, finetune_steps=400,
-                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100),
-    "bench": Preset(width=608, height=192, n_pretrain=4000, n_finetune=400, n_eval=100, model="bpnet-s",
+                  crop="64x192", batch_size=8, pretrain_steps=1000, finetune_steps=200,
+                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3),
+    "bench": Preset(width=608, height=192, n_pretrain=4000, n_finetune=400, n_eval=200, model="bpnet-s",
                     crop="192x608", batch_size=8, pretrain_steps=4000, finetune_steps=1500,
-                    pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100),
+                    pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3),
 }
 
 VARIANTS = [
@@ -84,6 +96,13 @@ VARIANTS = [
     ("pretrain_sup", "pre-training, then fine-tuning with L_sup only"),
     ("full", "pre-training, then fine-tuning with L_sup + L_SSI + L_reg (the full method)"),
 ]
+REGIONS = ("overall", "no_label")
+METRICS = ("rmse_m", "mae_m")
+SEEDS = {"pretrain": 1, "finetune": 2, "eval": 3}  # datagen --seed of each set: three disjoint worlds
+
+
+# ----------------------------------------------------------------------------------------------------
+# running the project's commands
 
 
 def tool(name: str) -> str:
@@ -91,49 +110,88 @@ def tool(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def run(cmd: list[str], log: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], log: Path, every_s: float = 5.0) -> None:
+    """Run one command, its whole output into `log`; on the console its log lines and, at most every
+    `every_s` seconds, its latest progress-bar state (step, loss, time left), so no minute is silent."""
+    print("$ " + shlex.join(cmd), flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, bufsize=0)
+        pending, last_shown, status = b"", 0.0, ""
+        while chunk := proc.stdout.read(4096):
+            pending += chunk
+            *pieces, pending = re.split(rb"(\r|\n)", pending)
+            for text, sep in zip(pieces[::2], pieces[1::2], strict=True):
+                line = text.decode(errors="replace").strip()
+                if not line:
+                    continue
+                if sep == b"\n":  # a log line: keep it
+                    f.write(line + "\n")
+                    print("  " + line, flush=True)
+                else:  # a progress-bar redraw: show the latest one every few seconds
+                    status = line
+            if status and time.time() - last_shown >= every_s:
+                print("  " + status, flush=True)
+                f.write(status + "\n")
+                last_shown, status = time.time(), ""
+        proc.wait()
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+        sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
 
 
-def generate(p: Preset, out: Path, pretrain_root: Path, log: Path) -> dict[str, Path]:
-    sets = {
-        "pretrain": ([], 1, p.n_pretrain, pretrain_root),
-        "finetune": (["--labelled", "--gt", "semi"], 2, p.n_finetune, out / "data" / "finetune"),
-        "eval": (["--labelled", "--gt", "dense"], 3, p.n_eval, out / "data" / "eval"),
-    }
-    dirs = {}
-    for name, (extra, seed, n, dest) in sets.items():
-        run([tool("datagen"), "run", "--source", "synthetic", "--out", str(dest), "--limit", str(n),
-             "--seed", str(seed), "--family", "street", "--width", str(p.width), "--height", str(p.height),
-             "--workers", str(p.workers), "--shard-size", str(p.shard_size), "--progress", "log", *extra], log)
-        dirs[name] = dest / "synthetic"
+def datagen_command(p: Preset, kind: str, n: int, dest: Path) -> list[str]:
+    """The `datagen run` argv of one set (pretrain, finetune or eval)."""
+    common = ["--source", "synthetic", "--out", str(dest), "--limit", str(n), "--seed", str(SEEDS[kind]),
+              "--width", str(p.width), "--height", str(p.height), "--workers", str(p.workers),
+              "--shard-size", str(p.shard_size), "--progress", "log"]
+    if kind == "pretrain":  # internet photos: every family, a random camera, LiDAR pattern and mount
+        extra = ["--family", "mixed", "-o", "camera=random", "--lidar", "random", "--mount", "random"]
+    else:  # the target: KITTI-like street scenes through one fixed rig
+        gt = "accumulated" if kind == "finetune" else "dense"
+        extra = ["--family", "street", "--labelled", "--gt", gt, "-o", "rig=kitti"]
+    return [tool("datagen"), "run", *common, *extra]
+
+
+def generate(p: Preset, out: Path, pretrain_root: Path, log: Path) -> tuple[dict[str, Path], list[str]]:
+    sets = {"pretrain": (p.n_pretrain, pretrain_root), "finetune": (p.n_finetune, out / "data" / "finetune"),
+            "eval": (p.n_eval, out / "data" / "eval")}
+    dirs, commands = {}, {}
+    for kind, (n, dest) in sets.items():
+        commands[kind] = datagen_command(p, kind, n, dest)
+        run(commands[kind], log)
+        dirs[kind] = dest / "synthetic"
     # what a person looks at first: the pre-training shards, as `datagen inspect` shows them
     run([tool("datagen"), "inspect", str(dirs["pretrain"]), "--preview", str(out / "shards_preview.png"),
          "--samples", "4", "--json", str(out / "shards_summary.json")], log)
-    return dirs
+    return dirs, commands["eval"]
 
 
-def train(p: Preset, data: dict[str, Path], out: Path, log: Path) -> dict[str, Path]:
-    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop, "--quiet"]
-    runs = {v: out / "runs" / v for v in ("pretrain", "finetune_only", "pretrain_sup", "full")}
-    run([tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out", str(runs["pretrain"]),
+def train(p: Preset, data: dict[str, Path], out: Path, log: Path) -> dict[str, list[Path]]:
+    """Run directories per variant, one per fine-tuning seed (pre-training runs once)."""
+    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop]
+    pre = out / "runs" / "pretrain"
+    run([tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out", str(pre),
          "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr), *common], log)
-    ft = ["--shards", str(data["finetune"]), "--steps", str(p.finetune_steps), "--lr", str(p.finetune_lr), *common]
-    run([tool("trainer"), "finetune", *ft, "--out", str(runs["finetune_only"])], log)
-    run([tool("trainer"), "finetune", *ft, "--init", str(runs["pretrain"]), "--out", str(runs["pretrain_sup"]),
-         "--lambda-ssi", "0", "--lambda-reg", "0"], log)
-    run([tool("trainer"), "finetune", *ft, "--init", str(runs["pretrain"]), "--out", str(runs["full"])], log)
-    return {"pretrain_only": runs["pretrain"], "finetune_only": runs["finetune_only"],
-            "pretrain_sup": runs["pretrain_sup"], "full": runs["full"]}
+    runs: dict[str, list[Path]] = {"pretrain_only": [pre], "finetune_only": [], "pretrain_sup": [], "full": []}
+    for seed in range(p.seeds):
+        ft = ["--shards", str(data["finetune"]), "--steps", str(p.finetune_steps), "--lr", str(p.finetune_lr),
+              "--seed", str(seed), *common]
+        suffix = f"-seed{seed}" if p.seeds > 1 else ""
+        variants = {"finetune_only": [], "pretrain_sup": ["--init", str(pre), "--lambda-ssi", "0", "--lambda-reg", "0"],
+                    "full": ["--init", str(pre)]}
+        for v, extra in variants.items():
+            run_dir = out / "runs" / f"{v}{suffix}"
+            run([tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)], log)
+            runs[v].append(run_dir)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring
 
 
 def nearest_fill(sparse: np.ndarray) -> np.ndarray:
@@ -154,36 +212,80 @@ def region_errors(pred: np.ndarray, gt: np.ndarray, region: np.ndarray) -> dict 
     return {"rmse_m": float(np.sqrt(np.mean(err**2))), "mae_m": float(np.mean(np.abs(err)))}
 
 
-def evaluate(preds: dict[str, Path], eval_dir: Path, out: Path, n_previews: int) -> dict:
-    """RMSE/MAE per image, then mean over images (the KITTI devkit's order), overall and in the
-    no-label region, for every variant."""
-    per: dict[str, dict[str, list]] = {v: {"overall": [], "no_label": []} for v, _ in VARIANTS}
+def unlabelled_rows(finetune_dir: Path) -> int:
+    """How many rows from the top never hold a label in any fine-tuning sample."""
+    top = None
+    for s in iter_samples(finetune_dir):
+        rows = np.flatnonzero((s.gt > 0).any(axis=1))
+        first = int(rows[0]) if len(rows) else s.height
+        top = first if top is None else min(top, first)
+    return top or 0
+
+
+def target_density(eval_dir: Path) -> float:
+    """Mean share of the held-out frames' pixels that carry a LiDAR point."""
+    return float(np.mean([np.mean(s.sparse > 0) for s in iter_samples(eval_dir)]))
+
+
+def score(preds: dict[str, list[Path]], eval_dir: Path, top_rows: int, out: Path, n_previews: int) -> dict:
+    """Per-scene errors: {variant: {region: {metric: array (seeds x scenes)}}}, scenes in shard order.
+
+    preds maps each learned variant to one prediction folder per seed; "nearest" is computed here. The
+    no-label region is the top `top_rows` rows. Writes previews of the first n_previews scenes.
+    """
+    errs = {v: {r: {m: [] for m in METRICS} for r in REGIONS} for v, _ in VARIANTS}
     shown = []
     for s in iter_samples(eval_dir):
-        gt = s.gt
-        region = np.zeros_like(gt, dtype=bool)
-        region[: int(NO_LABEL_FRACTION * s.height)] = True
-        maps = {"nearest": nearest_fill(s.sparse)}
-        for v, pdir in preds.items():
-            maps[v] = decode_depth_png((pdir / f"{s.key}.png").read_bytes())
-        for v, pred in maps.items():
+        region = np.zeros_like(s.gt, dtype=bool)
+        region[:top_rows] = True
+        maps = {"nearest": [nearest_fill(s.sparse)]}
+        for v, dirs in preds.items():
+            maps[v] = [decode_depth_png((d / f"{s.key}.png").read_bytes()) for d in dirs]
+        for v, per_seed in maps.items():
             for name, reg in (("overall", np.ones_like(region)), ("no_label", region)):
-                e = region_errors(pred, gt, reg)
-                if e is not None:
-                    per[v][name].append(e)
+                e = [region_errors(pred, s.gt, reg) for pred in per_seed]
+                for m in METRICS:
+                    errs[v][name][m].append([x[m] if x else np.nan for x in e])
         if len(shown) < n_previews:
-            shown.append((s, maps))
-    results = {}
+            shown.append((s, {v: ms[0] for v, ms in maps.items()}))
+    previews(shown, out / "previews", top_rows)
+    return {v: {r: {m: np.asarray(x, np.float64).T for m, x in d.items()} for r, d in rs.items()}
+            for v, rs in errs.items()}
+
+
+def bootstrap_ci(diff: np.ndarray, n: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `diff` (one value per scene) over n resamples of the scenes."""
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def summarize(errs: dict, n_boot: int) -> dict:
+    """Per variant: the metrics (mean over scenes, then over seeds), each seed's, and the difference from
+    the full method with its bootstrap interval (per-scene errors averaged over the seeds first)."""
+    out = {}
     for v, _ in VARIANTS:
-        results[v] = {
-            name: {k: float(np.mean([e[k] for e in lst])) for k in ("rmse_m", "mae_m")} | {"images": len(lst)}
-            for name, lst in per[v].items()
-        }
-    previews(shown, out / "previews")
-    return results
+        entry = {"metrics": {}, "per_seed": {}, "vs_full": {}}
+        for r in REGIONS:
+            arr = {m: errs[v][r][m] for m in METRICS}
+            scenes = int(np.isfinite(arr["rmse_m"][0]).sum())
+            entry["metrics"][r] = {m: float(np.nanmean(a)) for m, a in arr.items()} | {"images": scenes}
+            entry["per_seed"][r] = {m: np.nanmean(a, axis=1).tolist() for m, a in arr.items()}
+            if v == "full":
+                continue
+            entry["vs_full"][r] = {}
+            for m, a in arr.items():
+                diff = np.nanmean(a, axis=0) - np.nanmean(errs["full"][r][m], axis=0)
+                diff = diff[np.isfinite(diff)]
+                lo, hi = bootstrap_ci(diff, n_boot)
+                entry["vs_full"][r][m] = {"mean": float(diff.mean()), "ci95": [lo, hi],
+                                          "significant": bool(lo > 0 or hi < 0)}
+        out[v] = entry
+    return out
 
 
-def previews(shown, dest: Path) -> None:
+def previews(shown, dest: Path, top_rows: int) -> None:
     from shared.preview import contact_sheet, depth_limits
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -194,7 +296,29 @@ def previews(shown, dest: Path) -> None:
         row3 = {f"{v} error": np.where(s.gt > 0, maps[v] - s.gt, np.nan)
                 for v in ("nearest", "finetune_only", "pretrain_sup", "full")}
         contact_sheet([row1, row2, row3], str(dest / f"{s.key}.png"), limits=depth_limits(s.gt),
-                      title=f"{s.key}: top {int(NO_LABEL_FRACTION * 100)}% of rows never had training labels")
+                      title=f"{s.key}: the top {top_rows} rows never had a training label")
+
+
+def table(summary: dict) -> str:
+    """Markdown: the metrics of every variant and, for the others, the difference from the full method
+    with its 95% interval; * marks a difference whose interval excludes 0."""
+    def cell(v, r, m):
+        val = summary[v]["metrics"][r][m]
+        if v == "full":
+            return f"{val:.3f}"
+        d = summary[v]["vs_full"][r][m]
+        star = "*" if d["significant"] else ""
+        return f"{val:.3f} ({d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{star})"
+
+    lines = ["| variant | RMSE (m) | MAE (m) | RMSE, rows without labels (m) | MAE, rows without labels (m) |",
+             "|---|---:|---:|---:|---:|"]
+    for v, desc in VARIANTS:
+        lines.append(f"| {v}: {desc} | " + " | ".join(cell(v, r, m) for r in REGIONS for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the job
 
 
 def checkpoint_of(run_dir: Path | None) -> str | None:
@@ -225,21 +349,12 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
 
 
-def table(results: dict) -> str:
-    lines = ["| variant | RMSE (m) | MAE (m) | RMSE no-label region (m) | MAE no-label region (m) |",
-             "|---|---:|---:|---:|---:|"]
-    for v, desc in VARIANTS:
-        r = results[v]
-        lines.append(f"| {v}: {desc} | {r['overall']['rmse_m']:.3f} | {r['overall']['mae_m']:.3f} | "
-                     f"{r['no_label']['rmse_m']:.3f} | {r['no_label']['mae_m']:.3f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--out", type=Path, default=None)
-    for f in ("n_pretrain", "n_finetune", "n_eval", "pretrain_steps", "finetune_steps", "batch_size", "workers"):
+    for f in ("n_pretrain", "n_finetune", "n_eval", "pretrain_steps", "finetune_steps", "batch_size", "workers",
+              "seeds", "bootstrap"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--crop", default=None, help="training crop HxW (multiples of 32)")
@@ -261,29 +376,45 @@ def main() -> None:
     t0 = time.time()
     timings = {}
     pretrain_root = args.pretrain_shards or (ROOT / "shards" if args.preset == "demo" else out / "data" / "pretrain")
-    data = generate(p, out, pretrain_root, log)
+    data, heldout_command = generate(p, out, pretrain_root, log)
     timings["generate_s"] = time.time() - t0
-    ckpts = train(p, data, out, log)
+    runs = train(p, data, out, log)
     timings["train_s"] = time.time() - t0 - timings["generate_s"]
-    preds = {}
-    for v, run_dir in ckpts.items():
-        preds[v] = out / "predictions" / v
-        run([tool("trainer"), "predict", "--ckpt", str(run_dir), "--shards", str(data["eval"]),
-             "--out", str(preds[v]), "--previews", "0"], log)
-    metrics = evaluate(preds, data["eval"], out, p.previews)
+    preds: dict[str, list[Path]] = {}
+    for v, run_dirs in runs.items():
+        preds[v] = []
+        for run_dir in run_dirs:
+            dest = out / "predictions" / run_dir.name
+            run([tool("trainer"), "predict", "--ckpt", str(run_dir), "--shards", str(data["eval"]),
+                 "--out", str(dest), "--previews", "0"], log)
+            preds[v].append(dest)
+    top_rows = unlabelled_rows(data["finetune"])
+    errs = score(preds, data["eval"], top_rows, out, p.previews)
+    summary = summarize(errs, p.bootstrap)
     timings["total_s"] = time.time() - t0
+    density = target_density(data["eval"])
     results = {
         "preset": args.preset, "config": asdict(p), "timings": timings, "machine": machine(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "no_label_region": f"top {NO_LABEL_FRACTION:.0%} of rows",
-        "variants": {v: {"description": d, "checkpoint": checkpoint_of(ckpts.get(v)),
-                         "metrics": metrics[v]} for v, d in VARIANTS},
+        "heldout_command": heldout_command,
+        "no_label_region": f"top {top_rows} of {p.height} rows (above every label of the fine-tuning set)",
+        "no_label_rows": top_rows,
+        "target_lidar_density": density,
+        "seeds": list(range(p.seeds)),
+        "variants": {v: {"description": d, "checkpoint": checkpoint_of((runs.get(v) or [None])[0]),
+                         "checkpoints": [checkpoint_of(r) for r in runs.get(v, [])], **summary[v]}
+                     for v, d in VARIANTS},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = table(summary)
+    (out / "results.md").write_text(md + "\n")
     print()
-    print(table(metrics))
-    print(f"\n{p.n_eval} held-out scenes; total {timings['total_s'] / 60:.1f} min "
-          f"(data {timings['generate_s']:.0f} s). Results: {out / 'results.json'}; previews: {out / 'previews'}")
+    print(md)
+    print(f"\nValues: mean over {p.n_eval} held-out scenes (and {p.seeds} fine-tuning seed(s)); in brackets the "
+          "difference from the full method with its 95% bootstrap interval over scenes; * = significant "
+          f"(interval excludes 0). Held-out LiDAR density {100 * density:.1f}% of pixels; the top {top_rows} "
+          f"rows never had a label. Total {timings['total_s'] / 60:.1f} min (data {timings['generate_s']:.0f} s). "
+          f"Results: {out / 'results.json'}; previews: {out / 'previews'}")
 
 
 if __name__ == "__main__":

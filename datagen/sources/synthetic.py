@@ -3,13 +3,19 @@
 Unlabelled (default): RGB + the scene's K + its exact depth (the `oracle` teacher reads it).
 Labelled (labelled=True): a KITTI-like sample: a simulated HDL-64 scan from KITTI's rig (LiDAR 0.08 m
 above, 0.27 m behind, 0.06 m right of the camera) with range noise and dropout as the sparse input,
-and the exact depth as GT: everywhere for gt="dense" (evaluation), or for gt="semi" only where
+and the exact depth as GT: everywhere for gt="dense" (evaluation); for gt="semi" only where
 accumulated-LiDAR GT would have it: no labels above a row drawn in 30-40% of the height, and random
-elliptic holes below it. Sky (depth 0) never has a label.
+elliptic holes below it; for gt="accumulated" where the scans of the frame and 5 frames either side
+land (datagen.rig.accumulated_gt, as KITTI builds its GT). Sky (depth 0) never has a label.
+rig="kitti" is the benchmark's target rig (datagen.rig): the KITTI camera scaled to the frame and an
+hdl64 scaled with it, so the scan covers ~4% of the pixels as on full KITTI frames; rig="native"
+(default) casts the full hdl64 into whatever frame is asked for.
 
 Intrinsics: the image was rendered through the scene's K, so that K is the only true one; the
 source always reports it and forces self.intrinsics = "native" (--intrinsics random is ignored for
-synthetic; a resampled K would no longer match the pixels).
+synthetic; a resampled K would no longer match the pixels). camera="random" renders each unlabelled
+scene through its own random K instead (horizontal field of view 45-100 degrees, principal point
+within 5% of the centre), as photos from many cameras; labelled scenes keep the family's camera.
 
 Scene i of a job uses the seed SeedSequence([seed, i]) -> 63 bits, so --seed gives a new world and
 --limit N (count) takes scenes 0..N-1. Everything below is a pure function of that scene seed.
@@ -18,6 +24,9 @@ Scene i of a job uses the seed SeedSequence([seed, i]) -> 63 bits, so --seed giv
 from __future__ import annotations
 
 import numpy as np
+
+from datagen.lidar import get_pattern
+from shared.camera import make_K
 
 from .base import InputError, Item, Record, Source, make_key
 
@@ -28,6 +37,21 @@ SEMI_HOLES = (3, 8)               # elliptic holes per image, inclusive
 SEMI_HOLE_AXES = (0.03, 0.10)     # hole semi-axes as fractions of the image height
 LIDAR_NOISE_STD_M = 0.02
 LIDAR_DROPOUT = 0.05
+RANDOM_HFOV_DEG = (45.0, 100.0)   # camera="random": phones (~65-75 deg) to wide-angle action cameras
+RANDOM_CENTRE_FRACTION = 0.05     # principal point within 5% of the image centre
+GT_KINDS = ("semi", "dense", "accumulated")
+RIGS = ("native", "kitti")
+CAMERAS = ("default", "random")
+
+
+def random_K(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A random pinhole camera for a width x height frame: square pixels, horizontal field of view
+    uniform in RANDOM_HFOV_DEG, principal point within RANDOM_CENTRE_FRACTION of the centre."""
+    hfov = np.radians(rng.uniform(*RANDOM_HFOV_DEG))
+    f = (width / 2.0) / np.tan(hfov / 2.0)
+    cx = (width - 1) / 2.0 + rng.uniform(-1, 1) * RANDOM_CENTRE_FRACTION * width
+    cy = (height - 1) / 2.0 + rng.uniform(-1, 1) * RANDOM_CENTRE_FRACTION * height
+    return make_K(f, f, cx, cy)
 
 
 def scene_seed(seed: int, index: int) -> int:
@@ -56,9 +80,10 @@ class SyntheticSource(Source):
 (no files: --root is ignored) items are synthetic://<family>/<scene seed>, scenes 0..count-1.
 Options: family street|room|mixed (default street; mixed alternates), width/height (default 608x192
 for street, 256x192 for room), count (default 1000), seed (default 0), labelled (default False),
-gt semi|dense (labelled only, default semi)."""
+gt semi|dense|accumulated (labelled only, default semi), rig native|kitti (labelled only, default
+native), camera default|random (unlabelled only, default default)."""
     option_defaults = {"family": "street", "width": None, "height": None, "count": 1000, "seed": 0,
-                       "labelled": False, "gt": "semi"}
+                       "labelled": False, "gt": "semi", "rig": "native", "camera": "default"}
 
     def __init__(self, root=None, intrinsics: str = "random", **options):
         if intrinsics not in ("random", "native"):
@@ -68,8 +93,9 @@ gt semi|dense (labelled only, default semi)."""
         o = self.options
         if o["family"] not in (*FAMILIES, "mixed"):
             raise ValueError(f"synthetic: family must be street, room or mixed, got {o['family']!r}")
-        if o["gt"] not in ("semi", "dense"):
-            raise ValueError(f"synthetic: gt must be semi or dense, got {o['gt']!r}")
+        for name, allowed in (("gt", GT_KINDS), ("rig", RIGS), ("camera", CAMERAS)):
+            if o[name] not in allowed:
+                raise ValueError(f"synthetic: {name} must be one of {', '.join(allowed)}, got {o[name]!r}")
         if int(o["count"]) < 0:
             raise ValueError(f"synthetic: count must be >= 0, got {o['count']}")
         for side in ("width", "height"):
@@ -102,8 +128,11 @@ gt semi|dense (labelled only, default semi)."""
 
         fam, s = item.extra["family"], int(item.extra["scene_seed"])
         w, h = self.size(fam)
+        K = None
+        if self.options["camera"] == "random" and not self.labelled:
+            K = random_K(np.random.default_rng(np.random.SeedSequence([s, 2])), w, h)
         try:
-            scene = render_scene(s, family=fam, width=w, height=h)
+            scene = render_scene(s, family=fam, width=w, height=h, K=K)
         except ValueError as exc:
             raise InputError(f"{item.path}: cannot render ({exc})") from exc
         depth = np.asarray(scene.depth_m, dtype=np.float32)
@@ -117,16 +146,26 @@ gt semi|dense (labelled only, default semi)."""
     def _label(self, rec: Record, scene, seed: int) -> None:
         from datagen.lidar import simulate_sparse_depth
         from datagen.mesh import Mesh
+        from datagen.rig import accumulated_gt, kitti_pattern
 
         lidar_rng, mask_rng = (np.random.default_rng(q) for q in np.random.SeedSequence([seed, 1]).spawn(2))
         mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else "grid"
+        pattern = kitti_pattern(rec.K) if self.options["rig"] == "kitti" else "hdl64"
         rec.sparse, info = simulate_sparse_depth(
-            rec.true_depth, rec.K, lidar_rng, pattern="hdl64", mount="kitti", mesh=mesh,
+            rec.true_depth, rec.K, lidar_rng, pattern=pattern, mount="kitti", mesh=mesh,
             noise_std_m=LIDAR_NOISE_STD_M, dropout=LIDAR_DROPOUT)
         rec.sparse = np.asarray(rec.sparse, dtype=np.float32)
+        rec.meta["rig"] = self.options["rig"]
         if self.options["gt"] == "dense":
             rec.gt = rec.true_depth.copy()
             rec.meta.update(gt="dense", gt_top_row=0)
+        elif self.options["gt"] == "accumulated":
+            if not isinstance(mesh, Mesh):
+                raise InputError(f"{rec.source_path}: gt=accumulated needs the scene's exact mesh")
+            mask = accumulated_gt(mesh, rec.true_depth, rec.K, get_pattern(pattern), mask_rng)
+            rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
+            rows = np.flatnonzero(mask.any(axis=1))
+            rec.meta.update(gt="accumulated", gt_top_row=int(rows[0]) if len(rows) else rec.true_depth.shape[0])
         else:
             mask, m = semi_dense_mask(rec.true_depth, mask_rng)
             rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)

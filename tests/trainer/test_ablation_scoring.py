@@ -50,13 +50,12 @@ def test_region_errors_by_hand(ablation):
     assert ablation.region_errors(pred, gt, np.zeros_like(region)) is None
 
 
-def test_evaluate_scores_every_variant_overall_and_in_the_unlabelled_rows(ablation, tmp_path):
-    h, w = 20, 24
-    top = int(ablation.NO_LABEL_FRACTION * h)  # rows 0..5 never had labels
+def test_score_and_summary_every_variant_overall_and_in_the_unlabelled_rows(ablation, tmp_path):
+    h, w, top = 20, 24, 6  # rows 0..5 never had labels
     eval_dir, preds = tmp_path / "eval", {}
     keys = []
     with ShardWriter(tmp_path / "eval.tar", rgb_format="png") as wr:
-        for i in range(2):
+        for i in range(4):
             gt = np.full((h, w), 10.0 + i, np.float32)
             sparse = np.zeros((h, w), np.float32)
             sparse[::4, ::4] = gt[::4, ::4]  # the nearest fill is then exact
@@ -66,24 +65,73 @@ def test_evaluate_scores_every_variant_overall_and_in_the_unlabelled_rows(ablati
             keys.append((s.key, gt))
     eval_dir.mkdir()
     (tmp_path / "eval.tar").rename(eval_dir / "eval-000000.tar")
-    # predictions: "full" exact, the others off by 1 m in the unlabelled rows only (or 2 m everywhere)
-    offsets = {"finetune_only": (2.0, 2.0), "pretrain_only": (1.0, 0.0), "pretrain_sup": (1.0, 0.0), "full": (0, 0)}
-    for v, (above, below) in offsets.items():
-        preds[v] = tmp_path / "pred" / v
-        preds[v].mkdir(parents=True)
-        for key, gt in keys:
-            p = gt.copy()
-            p[:top] += above
-            p[top:] += below
-            (preds[v] / f"{key}.png").write_bytes(encode_depth_png(p))
-    res = ablation.evaluate(preds, eval_dir, tmp_path / "out", n_previews=1)
-    assert res["full"]["overall"]["rmse_m"] == 0.0 and res["nearest"]["overall"]["mae_m"] == 0.0
-    assert res["finetune_only"]["overall"]["mae_m"] == pytest.approx(2.0)
-    assert res["pretrain_only"]["no_label"]["mae_m"] == pytest.approx(1.0)
-    assert res["pretrain_only"]["overall"]["mae_m"] == pytest.approx(top / h)
-    assert res["pretrain_only"]["overall"]["rmse_m"] == pytest.approx(np.sqrt(top / h))
-    assert all(r["overall"]["images"] == 2 for r in res.values())
+    # predictions of two seeds: "full" exact, the others off by 1 m in the unlabelled rows only (or 2 m
+    # everywhere); pretrain_sup's second seed is off by 3 m there, so its seeds differ
+    offsets = {"finetune_only": [(2.0, 2.0)] * 2, "pretrain_only": [(1.0, 0.0)],
+               "pretrain_sup": [(1.0, 0.0), (3.0, 0.0)], "full": [(0, 0)] * 2}
+    for v, per_seed in offsets.items():
+        preds[v] = []
+        for seed, (above, below) in enumerate(per_seed):
+            d = tmp_path / "pred" / f"{v}-{seed}"
+            d.mkdir(parents=True)
+            for key, gt in keys:
+                p = gt.copy()
+                p[:top] += above
+                p[top:] += below
+                (d / f"{key}.png").write_bytes(encode_depth_png(p))
+            preds[v].append(d)
+    errs = ablation.score(preds, eval_dir, top, tmp_path / "out", n_previews=1)
+    assert errs["pretrain_sup"]["no_label"]["mae_m"].shape == (2, 4)  # seeds x scenes
+    res = ablation.summarize(errs, n_boot=200)
+    m = {v: r["metrics"] for v, r in res.items()}
+    assert m["full"]["overall"]["rmse_m"] == 0.0 and m["nearest"]["overall"]["mae_m"] == 0.0
+    assert m["finetune_only"]["overall"]["mae_m"] == pytest.approx(2.0)
+    assert m["pretrain_only"]["no_label"]["mae_m"] == pytest.approx(1.0)
+    assert m["pretrain_only"]["overall"]["mae_m"] == pytest.approx(top / h)
+    assert m["pretrain_only"]["overall"]["rmse_m"] == pytest.approx(np.sqrt(top / h))
+    assert m["pretrain_sup"]["no_label"]["mae_m"] == pytest.approx(2.0)  # the mean of its two seeds
+    assert res["pretrain_sup"]["per_seed"]["no_label"]["mae_m"] == pytest.approx([1.0, 3.0])
+    assert all(r["metrics"]["overall"]["images"] == 4 for r in res.values())
+    # every scene is off by the same amount: the interval is the point, and it excludes 0
+    d = res["finetune_only"]["vs_full"]["overall"]["mae_m"]
+    assert d["mean"] == pytest.approx(2.0) and d["ci95"] == pytest.approx([2.0, 2.0]) and d["significant"]
+    assert not res["nearest"]["vs_full"]["overall"]["mae_m"]["significant"]  # exact too: difference 0
+    assert "vs_full" not in res["full"] or not res["full"]["vs_full"]
     assert len(list((tmp_path / "out" / "previews").glob("*.png"))) == 1
     table = ablation.table(res)
-    assert table.count("\n") == 1 + len(ablation.VARIANTS) and "full" in table
+    assert table.count("\n") == 1 + len(ablation.VARIANTS) and "full" in table and "*" in table
     json.dumps(res)  # what results.json holds must be plain JSON
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_scenes(ablation):
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.3, 1.0, 20), rng.normal(0.3, 1.0, 2000)
+    lo_s, hi_s = ablation.bootstrap_ci(small, 2000)
+    lo_l, hi_l = ablation.bootstrap_ci(large, 2000)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < 0.25 * (hi_s - lo_s)  # ~ 1 / sqrt(100)
+    assert ablation.bootstrap_ci(small, 500, seed=1) == ablation.bootstrap_ci(small, 500, seed=1)  # seeded
+
+
+def test_unlabelled_rows_and_density_from_shards(ablation, tmp_path):
+    h, w = 10, 8
+    with ShardWriter(tmp_path / "s" / "x-000000.tar", rgb_format="png") as wr:
+        for i, first in enumerate((4, 3, 6)):
+            gt = np.zeros((h, w), np.float32)
+            gt[first:, ::2] = 5.0
+            sparse = np.zeros((h, w), np.float32)
+            sparse[5, : i + 1] = 5.0
+            wr.write(Sample(key=f"k-{i}", rgb=np.zeros((h, w, 3), np.uint8), K=make_K(5, 5, 4, 5),
+                            sparse=sparse, gt=gt, meta={}))
+    assert ablation.unlabelled_rows(tmp_path / "s") == 3
+    assert ablation.target_density(tmp_path / "s") == pytest.approx(np.mean([1, 2, 3]) / (h * w))
+
+
+def test_heldout_command_is_a_datagen_argv_with_seed_limit_and_out(ablation, tmp_path):
+    p = ablation.PRESETS["demo"]
+    cmd = ablation.datagen_command(p, "eval", 7, tmp_path / "heldout")
+    assert Path(cmd[0]).name == "datagen" and cmd[1] == "run"
+    args = dict(zip(cmd[2::1], cmd[3::1], strict=False))
+    assert args["--seed"] == str(ablation.SEEDS["eval"]) and args["--limit"] == "7"
+    assert args["--out"] == str(tmp_path / "heldout") and "--labelled" in cmd and "rig=kitti" in cmd
+    assert ablation.SEEDS["eval"] not in (ablation.SEEDS["pretrain"], ablation.SEEDS["finetune"])
