@@ -58,8 +58,6 @@ class Protocol:
         return {"protocol": self.name, "seed": self.seed}
 
 
-FULL = Protocol()
-
 
 def parse_protocol(spec: str | Protocol | None, seed: int = 0) -> Protocol:
     """'full', 'lines:16', 'lines-uniform:16', 'points:500' or 'keypoints:200' (None means full)."""

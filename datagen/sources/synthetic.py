@@ -131,5 +131,6 @@ gt semi|dense (labelled only, default semi)."""
             mask, m = semi_dense_mask(rec.true_depth, mask_rng)
             rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
             rec.meta.update(gt="semi", **m)
-        rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pose", "noise_std_m", "dropout", "n_points")
+        rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pattern", "pose", "noise_std_m", "dropout",
+                                                   "n_points")
                              if k in info}
