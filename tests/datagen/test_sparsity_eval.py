@@ -97,6 +97,11 @@ def test_sweep_on_labelled_synthetic_shards(tmp_path, ckpt):
     one = json.loads((tmp_path / "one.json").read_text())
     assert one["sparsity"] == {"protocol": "points:200", "seed": 3}
     assert one["input_density_percent"] == pytest.approx(rows["points:200"]["input_density_percent"])
+    res = CliRunner().invoke(app, [str(a) for a in ("predict", "--ckpt", ckpt, "--shards", tmp_path / "syn", "--out",
+                                                    tmp_path / "pred", "--sparsity", "lines:8")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.output)["sparsity"] == {"protocol": "lines:8", "seed": 0}
+    assert (tmp_path / "pred" / f"{keys[0]}.png").is_file()
     other, _ = load_for_inference(tiny_checkpoint(tmp_path / "other", seed=1))
     model, _ = load_for_inference(ckpt)
     for spec in ("points:200", "keypoints:50"):
