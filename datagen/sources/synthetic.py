@@ -6,6 +6,8 @@ above, 0.27 m behind, 0.06 m right of the camera) with range noise and dropout a
 and the exact depth as GT: everywhere for gt="dense" (evaluation), or for gt="semi" only where
 accumulated-LiDAR GT would have it: no labels above a row drawn in 30-40% of the height, and random
 elliptic holes below it. Sky (depth 0) never has a label.
+meta["lidar"] keeps the scan's ring table (pattern.elevations_deg) and pose, which `trainer eval
+--sparsity lines:N` reads to find each point's ring.
 
 Intrinsics: the image was rendered through the scene's K, so that K is the only true one; the
 source always reports it and forces self.intrinsics = "native" (--intrinsics random is ignored for
