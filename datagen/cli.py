@@ -74,7 +74,8 @@ def run(
     limit: int | None = typer.Option(None, help="Only the first N inputs (synthetic: N scenes)."),
     seed: int = typer.Option(0, help="Seed of every random draw (per sample: derived from seed and key)."),
     shard_size: int = typer.Option(128, help="Samples (inputs) per shard."),
-    lidar: str = typer.Option("hdl64", help="LiDAR preset: hdl64, vlp32, vlp16, os128, random, ..."),
+    lidar: str = typer.Option("hdl64", help="LiDAR preset: hdl64, vlp32, vlp16, os128, random, ...; or "
+                              "points:N / keypoints:N (N pixels of the pseudo depth, no scan)."),
     mesh: str = typer.Option("grid", help="grid (fast, exact) or poisson (the paper's)."),
     occlusion: str = typer.Option("none", help="none (keep parallax points, like real scans) or zbuffer."),
     mount: str = typer.Option("random", help="LiDAR mount relative to the camera: random (a rig drawn per "

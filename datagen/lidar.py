@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datagen.mesh import Mesh, build_mesh
+from shared import sparsity
 from shared.camera import as_K, project
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,6 +405,8 @@ def get_pattern(spec: str | LidarPattern, rng: np.random.Generator | None = None
     (rosette, _parse_livox), 'lines:...' (_parse_lines) or the path of a pattern file (.json)."""
     if isinstance(spec, LidarPattern):
         return spec
+    if sparsity.is_pixel_protocol(spec):
+        raise ValueError(f"{spec!r} picks pixels of the depth map, it has no rays: simulate_sparse_depth takes it")
     spec = spec.strip()
     if spec in LIDAR_PRESETS:
         p = LIDAR_PRESETS[spec]
@@ -685,8 +688,12 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
                           pattern: str | LidarPattern = "hdl64", mount: Mount | str | None = None,
                           mesh: str | Mesh = "grid", occlusion: str = "none", noise_std_m: float = 0.0,
                           dropout: float = 0.0, min_range_m: float = 0.5, max_range_m: float = 120.0,
-                          mesh_kwargs: dict | None = None, nthreads: int = 1) -> tuple[np.ndarray, dict]:
+                          mesh_kwargs: dict | None = None, nthreads: int = 1,
+                          rgb: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Dense depth -> mesh -> scan -> sparse depth (H x W float32, 0 = none), and what was drawn.
+
+    pattern 'points:N' / 'keypoints:N' (keypoints of `rgb`) scans nothing: N pixels of depth_m, picked
+    by shared.sparsity.simulate, the code `trainer eval --sparsity` uses.
 
     pattern: a preset name, 'random', 'custom:...' or a LidarPattern. mount: None (identity), 'random'
     (sample_mount), 'kitti' (KITTI_MOUNT) or a Mount. mesh: 'grid', 'poisson' or a ready Mesh (e.g. the
@@ -694,6 +701,8 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
     Draw order: pattern (if random), mount (if random), then the scan's own draws.
     """
     depth_m = np.asarray(depth_m, dtype=np.float32)
+    if sparsity.is_pixel_protocol(pattern):
+        return sparsity.simulate(pattern, depth_m, rng, rgb)
     height, width = depth_m.shape
     pat = get_pattern(pattern, rng)
     if mount is None:

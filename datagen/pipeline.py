@@ -215,7 +215,7 @@ def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict
     else:
         K, meta["intrinsics"] = _stage("intrinsics", sample_intrinsics, w, h, rngs["intrinsics"]), "random"
     lidar_kw = dict(pattern=cfg["lidar"], mesh=cfg["mesh"], occlusion=cfg["occlusion"],
-                    noise_std_m=cfg["lidar_noise_m"], dropout=cfg["lidar_dropout"])
+                    noise_std_m=cfg["lidar_noise_m"], dropout=cfg["lidar_dropout"], rgb=record.rgb)
     if cfg["mount"] not in (None, "none"):
         lidar_kw["mount"] = cfg["mount"]
     sparse, lidar_info = _stage("lidar", simulate_sparse_depth, depth_m, K, rngs["lidar"], **lidar_kw)

@@ -3,6 +3,7 @@
     trainer pretrain --shards shards/synthetic [--preset laptop|paper] [--model bpnet-s] [--steps N] ...
     trainer finetune --shards shards/kitti --init runs/pretrain [...]
     trainer eval     --ckpt runs/finetune --shards shards/kitti-val [--kind kitti|nyu] [--json F]
+                     [--sparsity lines:16 | --sweep lines:64,32,16,8]
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
     trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
     trainer export   --ckpt runs/finetune --out model.safetensors
@@ -100,6 +101,10 @@ CROP_OPT = typer.Option(None, help="bottom-centre crop HxW (default: whole image
                         "bpnet-nyu: BP-Net's NYUv2 test frame (half size, 228x304 centre crop, fixed 500 points)")
 CONVENTION_OPT = typer.Option(None, help="input convention of an original .pth: kitti (default; BP-Net KITTI) "
                               "or nyu (BP-Net NYU: ImageNet normalisation, depth x 10); ours record theirs")
+SPARSITY_OPT = typer.Option("full", help="input protocol, applied to the sparse input only: full, lines:N (N "
+                            "of the LiDAR's rings), lines-uniform:N (the literature's 64 pitch bins), points:N, "
+                            "keypoints:N (docs/finetune.md)")
+SPARSITY_SEED_OPT = typer.Option(0, help="seed of points:N (the draw is per sample key: the same for every model)")
 
 
 @app.command("eval")
@@ -117,14 +122,31 @@ def eval_cmd(
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
     convention: str = CONVENTION_OPT,
+    sparsity: str = SPARSITY_OPT,
+    sweep: list[str] = typer.Option([], help="evaluate under each setting, e.g. lines:64,32,16,8 or "
+                                    "points:500,200,100,50 (repeatable; full is always the first row): one "
+                                    "table, and with --json F the JSON there and the Markdown beside it (.md)"),
+    sparsity_seed: int = SPARSITY_SEED_OPT,
 ):
     """Metrics table of a checkpoint on shards (stdout) and JSON."""
+    from shared.sparsity import parse_protocol
     from trainer.evaluate import evaluate
     from trainer.metrics import format_table
 
     _setup_logging()
-    result = evaluate(ckpt, shards, kind, steps, model, "model" if raw else "ema", crop, batch_size, workers,
-                      target, device, json_path, convention)
+    which = "model" if raw else "ema"
+    if sweep and sparsity != "full":
+        raise typer.BadParameter("give --sparsity or --sweep, not both (a sweep sets the input of each row)")
+    if sweep:
+        from trainer.sparsity import format_sweep
+        from trainer.sparsity import sweep as run_sweep
+
+        table = run_sweep(ckpt, shards, sweep, kind, steps, model, which, crop, batch_size, workers, target,
+                          device, json_path, convention, sparsity_seed)
+        typer.echo(format_sweep(table))
+        return
+    result = evaluate(ckpt, shards, kind, steps, model, which, crop, batch_size, workers, target, device,
+                      json_path, convention, parse_protocol(sparsity, sparsity_seed))
     typer.echo(format_table(result))
 
 
@@ -142,13 +164,16 @@ def predict_cmd(
     workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
     convention: str = CONVENTION_OPT,
+    sparsity: str = SPARSITY_OPT,
+    sparsity_seed: int = SPARSITY_SEED_OPT,
 ):
     """KITTI-submission PNGs at each sample's full size, named <key>.png, plus previews."""
+    from shared.sparsity import parse_protocol
     from trainer.evaluate import predict
 
     _setup_logging()
     typer.echo(json.dumps(predict(ckpt, shards, out, previews, steps, model, "model" if raw else "ema", crop,
-                                  batch_size, workers, device, convention)))
+                                  batch_size, workers, device, convention, parse_protocol(sparsity, sparsity_seed))))
 
 
 @app.command("score")

@@ -52,6 +52,8 @@ import torch
 
 from shared.camera import crop_K, flip_K
 from shared.shard import ReadStats, Sample, ShardError, decode_sample, list_shards, make_error_handler
+from shared.sparsity import Protocol
+from shared.sparsity import apply as apply_sparsity
 
 log = logging.getLogger("trainer.data")
 
@@ -72,6 +74,7 @@ class DataConfig:
     seed: int = 0
     max_epochs: int | None = None  # None: endless for training; eval always makes one pass
     strict: bool = False  # raise on the first corrupt sample instead of skipping it
+    sparsity: Protocol | str | None = None  # eval only: a protocol of shared.sparsity applied to each frame's input
 
 
 def parse_hw(text: str | tuple | list | None) -> tuple[int, int] | str | None:
@@ -217,6 +220,17 @@ def bpnet_nyu_frame(sample: Sample) -> dict:
         out[name] = np.pad(maps[name], ((pt, pt), (pl, pl))) if name in maps else np.zeros((oh, ow), np.float32)
     out["valid"] = np.pad(np.ones((ch, cw), bool), ((pt, pt), (pl, pl)))
     return out
+
+
+def sparsify(frame: dict, sample: Sample, protocol: Protocol | str | None) -> dict:
+    """The frame with its sparse input thinned by a protocol of shared.sparsity (--sparsity), after the
+    crop: points and keypoints are counted in what the network sees, lines use this frame's K. The GT and
+    every other member stay as they are."""
+    if protocol is None or not frame["has_sparse"]:
+        return frame
+    sparse = apply_sparsity(protocol, frame["sparse"], key=sample.key, K=frame["K"], rgb=frame["rgb"],
+                            lidar=sample.meta.get("lidar"))
+    return {**frame, "sparse": sparse}
 
 
 # evaluation frames other than a crop, by name (`--crop bpnet-nyu`)
@@ -392,7 +406,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 rng = _rng(self.cfg.seed, epoch, _key_hash(sample.key), 2)
                 frames.append(train_frame(sample, self.cfg.crop_hw, rng, self.cfg.flip, self.cfg.jitter))
             else:
-                frames.append(eval_frame(sample, self.cfg.crop_hw))
+                frames.append(sparsify(eval_frame(sample, self.cfg.crop_hw), sample, self.cfg.sparsity))
             keys.append(sample.key)
             epochs.append(epoch)
             if len(frames) == self.cfg.batch_size:

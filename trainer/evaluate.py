@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.sparsity import Protocol, parse_protocol
 from trainer.data import DataConfig, make_loader, parse_hw
 
 log = logging.getLogger("trainer")
@@ -34,6 +35,7 @@ class Prediction:
     gt: np.ndarray | None  # h x w, None when the sample has no such member
     sparse: np.ndarray | None
     rgb: np.ndarray  # h x w x 3 uint8
+    density: float | None = None  # fraction of the frame's content pixels that had an input value
 
     def full_size(self) -> np.ndarray:
         """The prediction pasted into a zero frame of the original size (0 = outside an eval crop)."""
@@ -64,8 +66,12 @@ def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "e
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, batch_size: int = 1,
                      workers: int = 0, max_batches: int | None = None, target: str = "gt",
-                     amp: bool = False, convention: str = "kitti") -> Iterator[Prediction]:
+                     amp: bool = False, convention: str = "kitti",
+                     sparsity: Protocol | str | None = None) -> Iterator[Prediction]:
     """Run the finest output of the model over every sample of the shards (one pass, no augmentation).
+
+    `sparsity`: a protocol of shared.sparsity applied to each frame's sparse input (never to the GT),
+    e.g. "lines:16" or "points:200"; None or "full" leaves the input as it is.
 
     `convention` names how the network expects its inputs (trainer.model.INPUT_CONVENTIONS): "kitti"
     for ours and the original KITTI checkpoints, "nyu" for the original BP-Net NYU checkpoints (ImageNet
@@ -78,7 +84,8 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     device = next(model.parameters()).device
     # amp (bf16 autocast) is off by default: the original evaluates in float32, and metrics should not
     # carry bf16 rounding
-    cfg = DataConfig(shards=shards, batch_size=batch_size, crop_hw=parse_hw(crop), train=False, workers=workers)
+    cfg = DataConfig(shards=shards, batch_size=batch_size, crop_hw=parse_hw(crop), train=False, workers=workers,
+                     sparsity=sparsity)
     for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
         if max_batches is not None and i >= max_batches:
             break
@@ -86,6 +93,8 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(rgb.to(device), sparse.to(device), batch["K"].to(device))[-1]
         out = out.float().cpu().numpy()[:, 0] / scale
+        valid = batch["valid"][:, 0].flatten(1)
+        density = ((batch["sparse"][:, 0].flatten(1) > 0) & valid).sum(1) / valid.sum(1).clamp(min=1)
         for b, key in enumerate(batch["key"]):
             top, left, h, w = (int(x) for x in batch["box"][b])
             has_t = bool(batch[f"has_{target}"][b])
@@ -94,7 +103,7 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
                 full_hw=tuple(int(x) for x in batch["full_hw"][b]),
                 gt=batch[target][b, 0, :h, :w].numpy() if has_t else None,
                 sparse=batch["sparse"][b, 0, :h, :w].numpy() if bool(batch["has_sparse"][b]) else None,
-                rgb=batch["rgb_raw"][b, :, :h, :w].permute(1, 2, 0).numpy())
+                rgb=batch["rgb_raw"][b, :, :h, :w].permute(1, 2, 0).numpy(), density=float(density[b]))
 
 
 def _write_json(path: str | None, obj: dict) -> None:
@@ -103,26 +112,37 @@ def _write_json(path: str | None, obj: dict) -> None:
         Path(path).write_text(json.dumps(obj, indent=2))
 
 
+def metrics_of(predictions: Iterator[Prediction], kind: str = "kitti") -> dict:
+    """MetricAccumulator.result() over predictions, plus per_image and the mean input density (percent of
+    the content pixels that had an input value)."""
+    from trainer.metrics import MetricAccumulator
+
+    acc, density = MetricAccumulator(kind), []
+    for p in predictions:
+        acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
+        density.append(p.density)
+    result = acc.result()
+    result.update(input_density_percent=100 * float(np.mean(density)) if density else None, per_image=acc.per_image)
+    return result
+
+
 def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, model_name: str | None = None,
              which: str = "ema", crop: str | None = None, batch_size: int = 1, workers: int = 0,
              target: str = "gt", device: str = "auto", json_path: str | None = None,
-             convention: str | None = None) -> dict:
+             convention: str | None = None, sparsity: Protocol | str | None = None) -> dict:
     """Metrics of a checkpoint on shards (per image on valid GT pixels, then mean over images).
 
     target: the member scored against, "gt" (labelled sets) or "depth" (the pseudo depth of unlabelled
     shards). Samples without it are counted as skipped. steps: at most this many batches.
+    sparsity: the input protocol (shared.sparsity), recorded with its seed under "sparsity".
     """
-    from trainer.metrics import MetricAccumulator
-
+    protocol = parse_protocol(sparsity)
     model, info = load_for_inference(ckpt, model_name, which, device, convention)
-    acc = MetricAccumulator(kind)
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, target,
-                              convention=info["convention"]):
-        acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
-    result = acc.result()
+    result = metrics_of(iter_predictions(model, shards, crop, batch_size, workers, steps, target,
+                                         convention=info["convention"], sparsity=protocol), kind)
     result.update(checkpoint=str(info.get("path", ckpt)), model=info.get("model_name"), step=info.get("step"),
                   weights=which, target=target, shards=str(shards), convention=info["convention"],
-                  per_image=acc.per_image)
+                  sparsity=protocol.to_dict())
     _write_json(json_path, result)
     return result
 
@@ -141,19 +161,23 @@ def preview_image(p: Prediction) -> np.ndarray:
 
 def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None = None,
             model_name: str | None = None, which: str = "ema", crop: str | None = None, batch_size: int = 1,
-            workers: int = 0, device: str = "auto", convention: str | None = None) -> dict:
+            workers: int = 0, device: str = "auto", convention: str | None = None,
+            sparsity: Protocol | str | None = None) -> dict:
     """KITTI-submission PNGs (uint16, depth x 256) at each sample's full size as <out>/<key>.png, and
-    colourised previews of the first `previews` samples under <out>/preview/."""
+    colourised previews of the first `previews` samples under <out>/preview/. sparsity: the input
+    protocol (shared.sparsity)."""
     from PIL import Image
 
     from shared.depth import MAX_DEPTH_M, encode_depth_png
     from shared.shard import check_key
 
+    protocol = parse_protocol(sparsity)
     model, info = load_for_inference(ckpt, model_name, which, device, convention)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=info["convention"]):
+    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=info["convention"],
+                              sparsity=protocol):
         name = check_key(p.key)  # keys are letters, digits, '_' and '-': never a path
         full = p.full_size()
         top, left, h, w = p.box
@@ -166,7 +190,7 @@ def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None =
             Image.fromarray(preview_image(p)).save(out_dir / "preview" / f"{name}.png")
         n += 1
     return {"written": n, "out": str(out_dir), "checkpoint": str(info.get("path", ckpt)),
-            "model": info.get("model_name"), "weights": which}
+            "model": info.get("model_name"), "weights": which, "sparsity": protocol.to_dict()}
 
 
 def score(pred_dir: str, gt_dir: str, kind: str = "kitti", json_path: str | None = None) -> dict:

@@ -5,6 +5,13 @@ P_rect_0X of the drive date's calib_cam_to_cam.txt. The raw drives are looked up
 if given, else <root>/raw/ (the layout BP-Net uses), else directly under <root> (the layout KITTI's
 raw-data download script leaves: <root>/2011_09_26/...). The selection sets carry their own K as nine
 numbers per image.
+
+Every sample records its scanner in meta["lidar"] (what `trainer eval --sparsity lines:N` reads): the
+HDL-64E's nominal ring table and the Velodyne's pose in the frame's camera, from the drive date's
+calib_velo_to_cam.txt and calib_cam_to_cam.txt when the raw folder has them (pose_from "calibration"),
+else KITTI's nominal rig (pose_from "nominal": the offset of datagen.lidar.KITTI_MOUNT, no rotation).
+The calibrated rotation matters: the Velodyne is turned about 0.6 deg in pitch and in roll against the
+rectified camera (2011_09_26), enough to tilt a ring across one or two of its neighbours in the image.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS
+from datagen.lidar_fit import read_pose
 from shared.depth import CodecError, decode_depth_png
 
 from .base import InputError, Item, Record, Source, assign_keys, load_rgb
@@ -46,6 +55,40 @@ def K_from_calib(path: str | Path, camera: str) -> np.ndarray:
     if P is None or P.size != 12:
         raise InputError(f"{path}: no 12-number {name} entry")
     return P.reshape(3, 4)[:, :3].copy()
+
+
+# Camera 3's frame sits this far along x from camera 2's: (P_rect_03 - P_rect_02)[0, 3] / f on 2011_09_26,
+# (-339.5242 - 44.85728) / 721.5377 m; for the nominal rig, when no calibration file is at hand.
+CAM3_FROM_CAM2_X_M = -0.5327
+
+
+@functools.lru_cache(maxsize=64)
+def velodyne_pose(date_dir: str | None, camera: str | None) -> tuple[dict, str]:
+    """(pose of the Velodyne in this rectified camera, as Mount.to_dict(); "calibration" or "nominal").
+
+    With <date>/calib_velo_to_cam.txt and calib_cam_to_cam.txt: datagen.lidar_fit.read_pose gives the
+    pose in rectified camera 2; camera 3 is moved by the difference of the two P_rect baselines.
+    """
+    velo = Path(date_dir) / "calib_velo_to_cam.txt" if date_dir else None
+    c2c = velo.with_name("calib_cam_to_cam.txt") if velo else None
+    if velo is not None and velo.is_file() and c2c.is_file():
+        T = read_pose(velo)
+        R, t, source = T[:3, :3], T[:3, 3].copy(), "calibration"
+        if camera == "image_03":
+            P2, P3 = (read_calib(str(c2c))[f"P_rect_0{c}"].reshape(3, 4) for c in (2, 3))
+            t += np.linalg.solve(P3[:, :3], P3[:, 3]) - np.linalg.solve(P2[:, :3], P2[:, 3])
+    else:
+        R, t, source = KITTI_MOUNT.R_cam_from_lidar, KITTI_MOUNT.t_cam_from_lidar.copy(), "nominal"
+        if camera == "image_03":
+            t[0] += CAM3_FROM_CAM2_X_M
+    return {"R_cam_from_lidar": R.tolist(), "t_cam_from_lidar": t.tolist()}, source
+
+
+def lidar_meta(date_dir: str | None, camera: str | None) -> dict:
+    """meta["lidar"] of a KITTI sample: the HDL-64E's ring table and the Velodyne's pose (velodyne_pose)."""
+    pose, source = velodyne_pose(date_dir, camera)
+    hdl64 = LIDAR_PRESETS["hdl64"]
+    return {"preset": "hdl64", "rings": hdl64.n_rings, "pattern": hdl64.to_dict(), "pose": pose, "pose_from": source}
 
 
 def read_K_txt(path: str | Path) -> np.ndarray:
@@ -174,6 +217,13 @@ e.g. drive 2011_09_26_drive_0001_sync, date 2011_09_26, frame 0000000005. Option
         keys = assign_keys(self.name, [r[0] for r in rows])
         return [Item(k, self.name, path, extra) for k, (_, path, extra) in zip(keys, rows, strict=True)]
 
+    def _date_dir(self, item: Item) -> str | None:
+        """The raw folder of the frame's drive date (its calibration files), when the name tells the date."""
+        if item.extra.get("calib"):
+            return str(Path(item.extra["calib"]).parent)
+        date = Path(item.extra.get("rgb", "")).name[:10]
+        return str(self.raw_root() / date) if DATE_RE.match(date) else None
+
     # -- load --------------------------------------------------------------------------------------
 
     def load(self, item: Item) -> Record:
@@ -198,4 +248,5 @@ e.g. drive 2011_09_26_drive_0001_sync, date 2011_09_26, frame 0000000005. Option
                                  f"{rgb.shape[1]}x{rgb.shape[0]}")
         meta = {k: e[k] for k in ("split", "camera", "drive", "frame") if e.get(k)}
         meta["intrinsics"] = "native"
+        meta["lidar"] = lidar_meta(self._date_dir(item), e.get("camera"))
         return Record(item.key, self.name, item.path, rgb, K=K, sparse=sparse, gt=gt, meta=meta)

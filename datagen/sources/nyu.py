@@ -11,11 +11,10 @@ For train only, the option `seed` is mixed in, so a new --seed gives new draws.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from shared.camera import make_K, scale_K
+from shared.sparsity import key_seed, random_points
 
 from .base import InputError, Item, Record, Source, assign_keys
 
@@ -23,21 +22,6 @@ from .base import InputError, Item, Record, Source, assign_keys
 NYU_K = make_K(5.1885790117450188e02, 5.1946961112127485e02, 3.2558244941119034e02, 2.5373616633400465e02)
 NYU_SIZE = (640, 480)  # W, H
 SPLITS = ("train", "val")
-
-
-def key_seed(key: str, extra: int | None = None) -> np.random.SeedSequence:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return np.random.SeedSequence([h] if extra is None else [h, int(extra)])
-
-
-def sample_points(depth_m: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """A sparse map holding the GT at n random valid pixels (all of them if fewer are valid)."""
-    flat = depth_m.reshape(-1)
-    valid = np.flatnonzero(np.isfinite(flat) & (flat > 0))
-    pick = rng.choice(valid, size=min(n, valid.size), replace=False)
-    out = np.zeros(flat.shape, dtype=np.float32)
-    out[pick] = flat[pick]
-    return out.reshape(depth_m.shape)
 
 
 class NyuSource(Source):
@@ -105,7 +89,7 @@ Options: split (train | val, default train), points (default 500), seed (train d
             meta["K_scaled_from"] = list(NYU_SIZE)
         train = self.options["split"] == "train"
         rng = np.random.default_rng(key_seed(item.key, int(self.options["seed"]) if train else None))
-        sparse = sample_points(depth, int(self.options["points"]), rng)
+        sparse = random_points(depth, int(self.options["points"]), rng)
         meta["points"] = int((sparse > 0).sum())
         return Record(item.key, self.name, item.path, np.ascontiguousarray(rgb), K=K, sparse=sparse,
                       gt=depth, meta=meta)

@@ -10,6 +10,8 @@ land (datagen.rig.accumulated_gt, as KITTI builds its GT). Sky (depth 0) never h
 rig="kitti" is the benchmark's target rig (datagen.rig): the KITTI camera scaled to the frame and an
 hdl64 scaled with it, so the scan covers ~4% of the pixels as on full KITTI frames; rig="native"
 (default) casts the full hdl64 into whatever frame is asked for.
+meta["lidar"] keeps the scan's ring table (pattern.elevations_deg) and pose, which `trainer eval
+--sparsity lines:N` reads to find each point's ring.
 
 Intrinsics: the image was rendered through the scene's K, so that K is the only true one; the
 source always reports it and forces self.intrinsics = "native" (--intrinsics random is ignored for
@@ -170,5 +172,6 @@ native), camera default|random (unlabelled only, default default)."""
             mask, m = semi_dense_mask(rec.true_depth, mask_rng)
             rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
             rec.meta.update(gt="semi", **m)
-        rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pose", "noise_std_m", "dropout", "n_points")
+        rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pattern", "pose", "noise_std_m", "dropout",
+                                                   "n_points")
                              if k in info}
