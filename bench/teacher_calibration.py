@@ -36,8 +36,8 @@ from shared.relative_depth import mean_interval, relative_depth_errors  # noqa: 
 FIT_SEED = 1000
 
 
-def render(family: str, seed: int, n: int) -> list:
-    w, h = DEFAULT_SIZE[family]
+def render(family: str, seed: int, n: int, size: tuple[int, int] | None = None) -> list:
+    w, h = size or DEFAULT_SIZE[family]
     return [render_scene(scene_seed(seed, i), family, w, h) for i in range(n)]  # as `datagen run --seed` does
 
 
@@ -76,17 +76,23 @@ def halo_stats(scenes: list, errors: TeacherErrors) -> dict | None:
             "p99_of_max": float(np.percentile(r, 99)), "max_of_max": float(r.max())}
 
 
+def mean_absrel(scenes: list, errors: TeacherErrors) -> float:
+    return float(np.mean([r["absrel"] for r in score(scenes, errors)]))
+
+
 def measure(family: str, scenes: list, errors: TeacherErrors) -> dict:
     rows = score(scenes, errors)
     absrel = mean_interval([r["absrel"] for r in rows])
     delta1 = mean_interval([r["delta1"] for r in rows])
-    alone = {m: float(np.mean([r["absrel"] for r in score(scenes, errors.only(m))])) for m in MODES}
+    alone = {m: mean_absrel(scenes, errors.only(m)) for m in MODES}
     total = sum(alone.values())
     ds, ref_absrel, ref_delta1 = REFERENCES[family]
-    return {"size": list(DEFAULT_SIZE[family]), "scenes": len(rows), "strength": errors.strength,
+    h, w = scenes[0].depth_m.shape
+    return {"size": [w, h], "scenes": len(rows), "strength": errors.strength,
             "absrel": absrel, "delta1": delta1, "reference": {"dataset": ds, "absrel": ref_absrel, "delta1": ref_delta1},
             "mode_alone_absrel": alone, "mode_share_pct": {m: 100.0 * v / total if total else 0.0 for m, v in alone.items()},
-            "affine_only_absrel": float(np.mean([r["absrel"] for r in score(scenes, errors.only())])),
+            "mode_left_out_absrel": {m: mean_absrel(scenes, errors.without(m)) for m in MODES},
+            "affine_only_absrel": mean_absrel(scenes, errors.only()),
             "sky_halo": halo_stats(scenes, errors)}
 
 
@@ -96,7 +102,7 @@ def fit_strength(family: str, scenes: list, target: float, lo: float = 0.0, hi: 
     mean_at = {}
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        mean_at[mid] = float(np.mean([r["absrel"] for r in score(scenes, replace(base, strength=mid))]))
+        mean_at[mid] = mean_absrel(scenes, replace(base, strength=mid))
         lo, hi = (mid, hi) if mean_at[mid] < target else (lo, mid)
     best = min(mean_at, key=lambda k: abs(mean_at[k] - target))
     return round(best, 3), mean_at[best]
@@ -120,7 +126,9 @@ def print_table(results: dict) -> None:
         if h:
             print(f"{fam}: sky halo lights {h['sky_pixels_lit_pct']:.2f}% of sky pixels; their value / the map's max: "
                   f"median {h['median_of_max']:.4f}, 99th percentile {h['p99_of_max']:.4f}, max {h['max_of_max']:.4f}")
-        print(f"{fam}: affine map alone (no error mode) AbsRel {r['affine_only_absrel']:.2e}")
+        print(f"{fam}: AbsRel with every mode but one: "
+              + ", ".join(f"no {m} {v:.4f}" for m, v in r["mode_left_out_absrel"].items())
+              + f"; the affine map alone (no error mode) {r['affine_only_absrel']:.1e}")
 
 
 def main() -> None:
@@ -130,6 +138,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--quick", action="store_true", help="12 scenes per family")
     ap.add_argument("--fit", action="store_true", help="fit each family's strength to its reference (seed 1000)")
+    ap.add_argument("--size", default=None, help="WxH for every family instead of its default (e.g. 384x128)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     families = args.families.split(",")
@@ -145,7 +154,8 @@ def main() -> None:
         out = {"fit_seed": FIT_SEED, "scenes": n, "strength": {f: v[0] for f, v in fitted.items()},
                "fit_absrel": {f: v[1] for f, v in fitted.items()}}
     else:
-        results = {fam: measure(fam, render(fam, args.seed, n), ORACLE_ERRORS[fam]) for fam in families}
+        size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+        results = {fam: measure(fam, render(fam, args.seed, n, size), ORACLE_ERRORS[fam]) for fam in families}
         print(f"oracle teacher vs Depth Anything V2-Large (zero-shot, affine fit in disparity); {n} scenes per family, "
               f"seed {args.seed}\n")
         print_table(results)
