@@ -241,3 +241,19 @@ def test_oracle_teacher_class_passes_the_scene_through(street):
     b = oracle_teacher(street.depth_m, np.random.default_rng(4), **kw)
     assert a.tobytes() == b.tobytes()
     assert a.tobytes() != oracle_teacher(street.depth_m, np.random.default_rng(4)).tobytes()  # the scene matters
+
+
+def test_calibration_fit_recovers_a_known_strength():
+    """bench/teacher_calibration.py --fit: bisect the strength to a target AbsRel. Aimed at the AbsRel that
+    strength 1.5 gives on the same scenes, it must find 1.5."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "teacher_calibration.py"
+    spec = importlib.util.spec_from_file_location("teacher_calibration", path)
+    calib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calib)
+    scenes = [render_scene(s, "street", W, H) for s in range(3)]
+    target = calib.mean_absrel(scenes, replace(ORACLE_ERRORS["street"], strength=1.5))
+    strength, reached = calib.fit_strength("street", scenes, target)
+    assert strength == pytest.approx(1.5, abs=0.01) and reached == pytest.approx(target, rel=1e-3)
