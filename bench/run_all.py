@@ -16,6 +16,7 @@ Markdown table per area, every measurement beside its naive reference from the s
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
                    bpnet-s; the 90M-parameter bpnet with --full)
     ops            4-NN KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
+    calibration    the oracle teacher's AbsRel and delta1 per scene family vs Depth Anything V2's published ones
 
 A script that fails or runs past its time limit is recorded as such; the others still run.
 """
@@ -42,6 +43,7 @@ SCRIPTS = {
     "teacher": ("teacher.py", [], 180),
     "train": ("train.py", [], 420),
     "ops": ("ops.py", [], 240),
+    "calibration": ("teacher_calibration.py", [], 300),
 }
 
 
@@ -159,6 +161,18 @@ def md_ops(d: dict) -> str:
               "naive k*k autograd loop; forward rows vs the first preset.")
 
 
+def md_calibration(d: dict) -> str:
+    rows = [[fam, f"{r['size'][0]}x{r['size'][1]}", fmt(r["strength"], 3),
+             "{:.4f} [{:.4f}, {:.4f}]".format(*r["absrel"]), "{:.4f} [{:.4f}, {:.4f}]".format(*r["delta1"]),
+             f"{r['reference']['dataset']} {r['reference']['absrel']:.3f} / {r['reference']['delta1']:.3f}",
+             ", ".join(f"{m} {v:.0f}%" for m, v in r["mode_share_pct"].items())]
+            for fam, r in d["families"].items()]
+    return (table(["family", "size", "strength", "AbsRel (95% CI)", "delta1 (95% CI)", "DA V2-L reference",
+                   "share of AbsRel, each mode alone"], rows)
+            + f"\n\n{d['scenes']} scenes per family (seed {d['seed']}); the oracle teacher of datagen/oracle.py scored as "
+              "Depth Anything's zero-shot relative depth (affine fit in disparity, shared/relative_depth.py).")
+
+
 def write_markdown(results: dict, path: Path) -> None:
     m = results["machine"]
     parts = ["# Benchmarks (`make bench`)", "",
@@ -173,7 +187,7 @@ def write_markdown(results: dict, path: Path) -> None:
                 ("Teacher (GPU)", "teacher_cuda", lambda d: md_teacher(d, "cuda")),
                 ("Shard loader", "train", md_loader), ("Training step", "train", md_training),
                 ("Training step (GPU)", "train_cuda", md_training), ("Propagation ops", "ops", md_ops),
-                ("Propagation ops (GPU)", "ops_cuda", md_ops)]
+                ("Propagation ops (GPU)", "ops_cuda", md_ops), ("Oracle teacher calibration", "calibration", md_calibration)]
     for title, key, render in sections:
         r = results["scripts"].get(key)
         if r is None:

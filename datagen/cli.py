@@ -89,7 +89,7 @@ def run(
     labelled: bool | None = typer.Option(None, "--labelled/--unlabelled", help="synthetic: KITTI-like labelled "
                                          "samples (simulated scan + GT)."),
     gt: str | None = typer.Option(None, help="synthetic --labelled: semi or dense GT."),
-    family: str | None = typer.Option(None, help="synthetic: street, room (default: the source's)."),
+    family: str | None = typer.Option(None, help="synthetic: street, room, nature, tabletop or mixed (default: street)."),
     width: int | None = typer.Option(None, help="synthetic: image width."),
     height: int | None = typer.Option(None, help="synthetic: image height."),
     option: list[str] = typer.Option([], "--option", "-o", help="Source option KEY=VALUE (e.g. splits=val2017)."),

@@ -159,11 +159,13 @@ def downscale(record, max_size: int | None):
         record.K = scale_K(record.K, nw / w, nh / h)
     if record.true_depth is not None:
         record.true_depth, _ = resize_image_and_K(record.true_depth, np.eye(3), nw, nh, nearest=True)
+    if record.true_object_id is not None:
+        record.true_object_id, _ = resize_image_and_K(record.true_object_id, np.eye(3), nw, nh, nearest=True)
     record.meta = {**record.meta, "resized_from": [w, h]}
     return record
 
 
-SCENE_OF_FAMILY = {"street": "outdoor", "room": "indoor"}  # the synthetic world's families
+SCENE_OF_FAMILY = {"street": "outdoor", "room": "indoor", "nature": "outdoor", "tabletop": "indoor"}  # synthetic
 
 
 def scene_hint(record) -> str:
@@ -431,7 +433,8 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
                 if disp is None:  # the oracle: a teacher-like map made from the synthetic world's true depth
                     if record.true_depth is None:
                         raise StageError("teacher", "the oracle teacher needs true depth (synthetic source only)")
-                    disp = _stage("teacher", oracle.predict_from_depth, record.true_depth, rngs["teacher"])
+                    disp = _stage("teacher", oracle.predict_from_depth, record.true_depth, rngs["teacher"],
+                                  rgb=record.rgb, object_id=record.true_object_id, family=record.meta.get("family"))
                 sample = build_sample(record, disp, cfg, seed, rngs, teacher_info)
                 members = _stage("encode", encode_sample, sample, cfg["rgb_format"])
             except StageError as exc:

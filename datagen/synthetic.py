@@ -1,26 +1,36 @@
 """A synthetic world with exact depth: procedural scenes from a seed, rendered by ray casting.
 
 Why: every other source only has the teacher's guess of depth. Here the truth is known, so the whole
-chain (teacher -> depth -> mesh -> LiDAR) can be checked end to end, and the `oracle` teacher below
+chain (teacher -> depth -> mesh -> LiDAR) can be checked end to end, and the `oracle` teacher
+(datagen/oracle.py: the true depth with a monocular model's errors, calibrated to Depth Anything V2)
 stands in for Depth Anything in tests and offline runs.
 
-A scene is a list of primitives (ground, sidewalks, walls and buildings, boxes, spheres, cylinders
-and poles), each with a procedural texture (plain, checker, stripes, value noise) and Lambertian
-shading under one light with cast shadows. Textures and shadow boundaries give image edges with no
-depth edge; objects of similar colour in front of each other give depth edges with no image edge, so
-the two only partly agree, as in photos. Rays that hit nothing see the sky (a colour gradient), and
-depth 0 marks them.
+A scene is a list of primitives (ground and terrain, sidewalks, walls and buildings, boxes, spheres,
+rocks, cylinders, poles and branches), each with a procedural texture (plain, checker, stripes, value
+noise) and Lambertian shading under one light with cast shadows. Textures and shadow boundaries give
+image edges with no depth edge; objects of similar colour in front of each other give depth edges with
+no image edge, so the two only partly agree, as in photos. Rays that hit nothing see the sky (a colour
+gradient), and depth 0 marks them. `SyntheticScene.object_id` says which object each pixel sees: the
+index of the primitive the ray hit, except that decals (lane markings, pictures on a wall) carry the id
+of the surface they are painted on; -1 is the sky.
 
-Families:
+Families (docs/synthetic_world.md shows them):
 - street: outdoor, camera 1.4-1.8 m above a road between rows of buildings, cars, poles, trees;
   depths from ~2 to 80 m (the world ends at z = 78 m, the camera is turned by at most 3 deg), sky above.
   Default camera when K is None: KITTI-like, fx = fy = 0.58 W (81 deg horizontal FOV, KITTI's 721.5 px
   over 1242), cx at the centre, cy at 46% of the height (KITTI: 172.9 of 375).
 - room: indoor, a closed box room 3-8 m wide and 3-9 m deep with furniture; depths 0.5-10 m, no sky.
   Default camera: NYUv2-like (Kinect), fx = fy = 0.81 W (63 deg), principal point at the centre.
+- nature: a park or a wood's edge, camera 1.5-1.9 m above rolling terrain that rises to a hill; trees
+  (a third of them bare, with thin branches), bushes, rocks, maybe a fence of thin posts and rails; no
+  buildings; depths ~3 to 80 m (the terrain ends at z = 75 m), sky above. Default camera: a phone's
+  main camera, fx = fy = 0.7 W (71 deg), principal point at the centre.
+- tabletop: a close-up of a table seen from 0.35-0.6 m above it, 30-45 deg down: boxes, books, cups,
+  fruit and thin pens, a wall behind, the room around; depths ~0.2 to 4 m, no sky. Default camera:
+  fx = fy = 0.75 W (67 deg), principal point at the centre.
 
 The world is built in a frame with the camera at the origin looking along +z (x right, y down) and then
-turned by a small random camera rotation; `SyntheticScene.mesh` is the world in camera coordinates.
+turned by a random camera rotation; `SyntheticScene.mesh` is the world in camera coordinates.
 """
 
 from __future__ import annotations
@@ -32,10 +42,13 @@ import numpy as np
 
 from datagen.lidar import rotation_from_rotvec
 from datagen.mesh import Mesh
+from datagen.oracle import oracle_teacher  # noqa: F401  (the world's teacher: datagen.teacher.OracleTeacher calls it)
 from shared.camera import as_K, make_K
 
-STREET_MAX_DEPTH_M = 80.0
-ROOM_MAX_DEPTH_M = 10.0
+FAMILIES = ("street", "room", "nature", "tabletop")
+# Farthest surface of each family's world, and the depth cap of its evaluation: KITTI's 80 m outdoors, NYUv2's
+# 10 m indoors (the caps of the MiDaS / Depth Anything zero-shot protocol, see datagen/oracle.py).
+MAX_DEPTH_M = {"street": 80.0, "room": 10.0, "nature": 80.0, "tabletop": 10.0}
 
 
 @dataclass
@@ -46,14 +59,18 @@ class SyntheticScene:
     family: str
     seed: int
     mesh: Mesh             # the world, camera coordinates
+    object_id: np.ndarray | None = None  # H x W int32: the object each pixel sees (see render_scene), -1 = sky
+
+
+# Default camera per family: fx = fy = f * width, principal point (cx, cy) = ((W - 1) / 2, cy * (H - 1)).
+_CAMERA = {"street": (0.58, 0.46), "room": (0.81, 0.5), "nature": (0.7, 0.5), "tabletop": (0.75, 0.5)}
 
 
 def default_K(family: str, width: int, height: int) -> np.ndarray:
-    if family == "street":
-        return make_K(0.58 * width, 0.58 * width, (width - 1) / 2.0, 0.46 * (height - 1))
-    if family == "room":
-        return make_K(0.81 * width, 0.81 * width, (width - 1) / 2.0, (height - 1) / 2.0)
-    raise ValueError(f"unknown family {family!r}: use 'street' or 'room'")
+    if family not in _CAMERA:
+        raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
+    f, cy = _CAMERA[family]
+    return make_K(f * width, f * width, (width - 1) / 2.0, cy * (height - 1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,6 +93,7 @@ class _Object:
     vertices: np.ndarray
     triangles: np.ndarray
     material: _Material
+    carrier: int | None = None  # a decal (lane marking, picture) is part of the object it is painted on
 
 
 def _box(center, size, yaw_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +142,36 @@ def _cylinder(base, radius: float, height: float, n: int = 16) -> tuple[np.ndarr
     return v, np.concatenate([side, caps]).astype(np.int32)
 
 
+def _cylinder_between(p0, p1, radius: float, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A cylinder from point p0 to point p1 (a branch, a rail, a pen lying on a table), with caps."""
+    a, b = np.asarray(p0, np.float64), np.asarray(p1, np.float64)
+    axis = (b - a) / np.linalg.norm(b - a)
+    # any two unit vectors perpendicular to the axis span the ring
+    u = np.cross(axis, [0.0, 1.0, 0.0] if abs(axis[1]) < 0.9 else [1.0, 0.0, 0.0])
+    u /= np.linalg.norm(u)
+    w = np.cross(axis, u)
+    ang = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    ring = radius * (np.cos(ang)[:, None] * u + np.sin(ang)[:, None] * w)
+    v = np.concatenate([ring + a, ring + b, [a, b]])
+    i = np.arange(n)
+    j = (i + 1) % n
+    side = np.concatenate([np.stack([i, j, i + n], 1), np.stack([j, j + n, i + n], 1)])
+    caps = np.concatenate([np.stack([np.full(n, 2 * n), j, i], 1), np.stack([np.full(n, 2 * n + 1), i + n, j + n], 1)])
+    return v, np.concatenate([side, caps]).astype(np.int32)
+
+
+def _rock(center, radius: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A squashed sphere with a lumpy surface: the bumps are a smooth function of direction, so the
+    duplicated seam and pole vertices of the sphere move together and the surface stays closed."""
+    c = np.asarray(center, np.float64)
+    v, t = _sphere([0.0, 0.0, 0.0], 1.0, 10, 16)
+    k, ph = rng.uniform(2.0, 4.0, 3), rng.uniform(0, 2 * math.pi, 3)
+    bump = 1.0 + 0.12 * np.sin(k[0] * v[:, 0] + ph[0]) * np.cos(k[1] * v[:, 2] + ph[1]) \
+        + 0.08 * np.sin(k[2] * v[:, 1] + ph[2])
+    squash = np.array([rng.uniform(0.8, 1.2), rng.uniform(0.45, 0.8), rng.uniform(0.8, 1.2)])
+    return v * bump[:, None] * squash * radius + c, t
+
+
 # ----------------------------------------------------------------------------------------------------
 # Scene layouts
 
@@ -132,6 +180,11 @@ _FACADE = [(0.78, 0.72, 0.62), (0.62, 0.45, 0.38), (0.85, 0.84, 0.80), (0.55, 0.
 _CAR = [(0.7, 0.1, 0.1), (0.1, 0.2, 0.6), (0.85, 0.85, 0.85), (0.1, 0.1, 0.1), (0.5, 0.5, 0.55), (0.8, 0.7, 0.2)]
 _FURNITURE = [(0.55, 0.35, 0.2), (0.85, 0.85, 0.8), (0.3, 0.3, 0.32), (0.6, 0.15, 0.15), (0.2, 0.35, 0.5),
               (0.75, 0.65, 0.45)]
+
+_BARK = [(0.35, 0.25, 0.15), (0.45, 0.38, 0.3), (0.28, 0.22, 0.18), (0.55, 0.5, 0.45)]
+_LEAF = [(0.2, 0.45, 0.15), (0.3, 0.5, 0.2), (0.15, 0.35, 0.12), (0.45, 0.5, 0.15), (0.6, 0.4, 0.1)]
+_ROCK = [(0.5, 0.5, 0.48), (0.6, 0.57, 0.52), (0.4, 0.38, 0.36), (0.55, 0.5, 0.42)]
+_GRASS = [(0.35, 0.5, 0.2), (0.4, 0.45, 0.22), (0.5, 0.5, 0.3), (0.3, 0.42, 0.18)]
 
 
 def _pick(rng: np.random.Generator, options):
@@ -152,18 +205,19 @@ def _street(rng: np.random.Generator) -> tuple[list[_Object], dict]:
     walk = rng.uniform(1.5, 3.5)
     objs: list[_Object] = []
 
-    def add(vt, mat):
-        objs.append(_Object(vt[0], vt[1], mat))
+    def add(vt, mat, carrier=None):
+        objs.append(_Object(vt[0], vt[1], mat, carrier))
+        return len(objs) - 1
 
     asphalt = _Material(NOISE, (0.32, 0.32, 0.33), (0.22, 0.22, 0.23), rng.uniform(0.3, 1.0))
-    add(_quad([-road_half, cam_h, 0.0], [-road_half, cam_h, zmax], [road_half, cam_h, zmax], [road_half, cam_h, 0.0]),
-        asphalt)
+    road = add(_quad([-road_half, cam_h, 0.0], [-road_half, cam_h, zmax], [road_half, cam_h, zmax],
+                     [road_half, cam_h, 0.0]), asphalt)
     white = _Material(PLAIN, (0.92, 0.92, 0.9))
     dash, gap = rng.uniform(2.0, 4.0), rng.uniform(3.0, 8.0)
     z = rng.uniform(0.0, gap)
     while z < zmax - dash:  # lane dashes 1 cm above the road: an image edge with no depth edge
         add(_quad([-0.07, cam_h - 0.01, z], [-0.07, cam_h - 0.01, z + dash], [0.07, cam_h - 0.01, z + dash],
-                  [0.07, cam_h - 0.01, z]), white)
+                  [0.07, cam_h - 0.01, z]), white, carrier=road)
         z += dash + gap
     for side in (-1, 1):
         kerb = 0.15
@@ -245,13 +299,14 @@ def _room(rng: np.random.Generator) -> tuple[list[_Object], dict]:
     floor_y, ceil_y = cam_h, cam_h - height
     objs: list[_Object] = []
 
-    def add(vt, mat):
-        objs.append(_Object(vt[0], vt[1], mat))
+    def add(vt, mat, carrier=None):
+        objs.append(_Object(vt[0], vt[1], mat, carrier))
+        return len(objs) - 1
 
     wall = _material(rng, [(0.85, 0.83, 0.78), (0.75, 0.8, 0.85), (0.9, 0.85, 0.7), (0.7, 0.75, 0.65)], (0.1, 0.5))
     # The room is one closed box (shared corners: no ray can slip out between two walls).
     v, t = _box([(xl + xr) / 2, (floor_y + ceil_y) / 2, (zb + zf) / 2], [xr - xl, height, depth])
-    add((v, t[[i for i in range(12) if i // 2 != 3]]), wall)  # all faces but the floor (face 3: y > 0)
+    walls = add((v, t[[i for i in range(12) if i // 2 != 3]]), wall)  # all faces but the floor (face 3: y > 0)
     add((v, t[6:8]), _Material(_pick(rng, [CHECKER, STRIPES]), (0.6, 0.45, 0.3), (0.45, 0.32, 0.2),
                                rng.uniform(0.2, 0.6), int(rng.integers(2))))
     # Furniture against the walls and in the room, never nearer than 1 m to the camera.
@@ -275,11 +330,152 @@ def _room(rng: np.random.Generator) -> tuple[list[_Object], dict]:
         x = rng.uniform(xl + w / 2, xr - w / 2)
         y = rng.uniform(ceil_y + h / 2 + 0.2, floor_y - h / 2 - 0.8)
         add(_box([x, y, zf - 0.02], [w, h, 0.03]), _Material(NOISE, tuple(rng.uniform(0.1, 0.9, 3)),
-                                                              tuple(rng.uniform(0.1, 0.9, 3)), rng.uniform(0.05, 0.2)))
+                                                              tuple(rng.uniform(0.1, 0.9, 3)), rng.uniform(0.05, 0.2)),
+            carrier=walls)
     rot = np.radians([rng.uniform(-5, 5), rng.uniform(-8, 8), rng.uniform(-2, 2)])
     lamp = np.array([rng.uniform(xl + 0.3, xr - 0.3), ceil_y + 0.05, rng.uniform(zb + 0.3, zf - 0.3)])
     light = {"kind": "point", "pos": lamp, "ambient": rng.uniform(0.3, 0.45)}
     return objs, {"rotvec": rot, "light": light, "sky": False}
+
+
+def _nature(rng: np.random.Generator) -> tuple[list[_Object], dict]:
+    """A park or the edge of a wood: rolling terrain rising to a hill, trees (some bare, with thin
+    branches), bushes, rocks and maybe a fence of thin posts and rails; no buildings, sky above."""
+    zmax, xmax = 75.0, 70.0
+    cam_h = rng.uniform(1.5, 1.9)
+    waves = [(rng.uniform(0.2, 1.2), rng.uniform(0, 2 * math.pi), 2 * math.pi / rng.uniform(15.0, 60.0),
+              rng.uniform(0, 2 * math.pi)) for _ in range(3)]  # amplitude, direction, wavenumber, phase
+    hill, z_hill = rng.uniform(2.0, 12.0), rng.uniform(30.0, 60.0)
+
+    def ground(x, z):
+        """Height of the terrain above the camera's foot point (flat under the camera, rolling beyond)."""
+        x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
+        h = sum(a * np.sin(k * (x * math.cos(d) + z * math.sin(d)) + p) for a, d, k, p in waves)
+        return h * np.clip(z / 15.0, 0.0, 1.0) + hill * np.clip((z - z_hill) / (zmax - z_hill), 0.0, 1.0) ** 2
+
+    def on_ground(x, z, lift=0.0):
+        return [x, cam_h - float(ground(x, z)) - lift, z]
+
+    objs: list[_Object] = []
+
+    def add(vt, mat, carrier=None):
+        objs.append(_Object(vt[0], vt[1], mat, carrier))
+        return len(objs) - 1
+
+    # The terrain: a height field on a 2.5 m x 1.9 m grid (flat facets: their shading is an image edge
+    # with no depth edge).
+    xs, zs = np.linspace(-xmax, xmax, 57), np.linspace(0.0, zmax, 41)
+    X, Z = np.meshgrid(xs, zs)
+    v = np.stack([X, cam_h - ground(X, Z), Z], -1).reshape(-1, 3)
+    idx = np.arange(X.size).reshape(X.shape)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    t = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
+    add((v, t.astype(np.int32)), _Material(NOISE, _pick(rng, _GRASS), tuple(np.asarray(_pick(rng, _GRASS)) * 0.7),
+                                           rng.uniform(0.5, 2.0)))
+    for _ in range(int(rng.integers(6, 24))):  # trees, more of them near
+        x, z = rng.uniform(-30.0, 30.0), 4.0 + 56.0 * rng.uniform(0.0, 1.0) ** 1.5
+        base = np.array(on_ground(x, z))
+        hgt, r = rng.uniform(2.5, 7.0), rng.uniform(0.08, 0.3)
+        bark = _material(rng, _BARK, (0.1, 0.4))
+        add(_cylinder(base, r, hgt, 10), bark)
+        if rng.random() < 0.35:  # a bare tree: thin branches
+            for _ in range(int(rng.integers(3, 7))):
+                p0 = base - [0.0, rng.uniform(0.4, 0.95) * hgt, 0.0]
+                ang, up = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.2)
+                direction = np.array([math.cos(ang), -up, math.sin(ang)])
+                p1 = p0 + rng.uniform(0.8, 2.5) * direction / np.linalg.norm(direction)
+                add(_cylinder_between(p0, p1, r * rng.uniform(0.2, 0.4), 6), bark)
+        else:
+            leaves = _material(rng, _LEAF, (0.2, 0.6))
+            for _ in range(int(rng.integers(1, 4))):
+                rc = rng.uniform(1.0, 2.5)
+                add(_sphere(base - [rng.uniform(-0.8, 0.8), hgt + 0.5 * rc, rng.uniform(-0.8, 0.8)], rc), leaves)
+    for _ in range(int(rng.integers(2, 10))):  # bushes, half in the ground
+        x, z = rng.uniform(-20.0, 20.0), rng.uniform(3.5, 35.0)
+        rb = rng.uniform(0.3, 1.0)
+        add(_sphere(on_ground(x, z, 0.4 * rb), rb), _material(rng, _LEAF, (0.1, 0.4)))
+    for _ in range(int(rng.integers(1, 8))):  # rocks
+        x, z = rng.uniform(-20.0, 20.0), rng.uniform(3.5, 40.0)
+        rr = rng.uniform(0.2, 1.2)
+        add(_rock(on_ground(x, z, 0.2 * rr), rr, rng), _material(rng, _ROCK, (0.1, 0.5)))
+    if rng.random() < 0.5:  # a fence: thin posts and rails, across the view
+        zf, x0 = rng.uniform(5.0, 25.0), rng.uniform(-20.0, 0.0)
+        xe = x0 + rng.uniform(6.0, 25.0)
+        post_r, post_h, step = rng.uniform(0.03, 0.06), rng.uniform(1.0, 1.3), rng.uniform(1.5, 2.5)
+        wood = _material(rng, _BARK, (0.1, 0.3))
+        tops = []
+        for x in np.arange(x0, xe, step):
+            z = zf + 0.1 * (x - x0)
+            base = on_ground(x, z)
+            add(_cylinder(base, post_r, post_h, 8), wood)
+            tops.append(np.array(base))
+        for q0, q1 in zip(tops[:-1], tops[1:], strict=False):
+            for height in (0.45 * post_h, 0.9 * post_h):
+                add(_cylinder_between(q0 - [0, height, 0], q1 - [0, height, 0], 0.6 * post_r, 6), wood)
+    rot = np.radians([rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(-1, 1)])
+    sun = np.array([rng.uniform(-0.6, 0.6), -rng.uniform(0.3, 0.9), rng.uniform(-0.5, 0.5)])
+    light = {"kind": "sun", "dir": sun / np.linalg.norm(sun), "ambient": rng.uniform(0.3, 0.45)}
+    return objs, {"rotvec": rot, "light": light, "sky": True}
+
+
+def _tabletop(rng: np.random.Generator) -> tuple[list[_Object], dict]:
+    """A close-up of a table: cups, books, fruit and a pen 0.2-2 m away, looked at from above (30-45 deg
+    down), a wall behind and the room around it; no sky."""
+    drop = rng.uniform(0.35, 0.6)              # the table top is this far below the camera (at y = drop)
+    floor_y = drop + rng.uniform(0.7, 0.8)
+    ceil_y = floor_y - rng.uniform(2.4, 2.8)
+    tw, td = rng.uniform(1.0, 2.0), rng.uniform(0.8, 1.4)
+    tx, tz0 = rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.1)  # the camera stands at the table's near edge
+    wall_z = tz0 + td + rng.uniform(0.05, 1.5)
+    xl, xr, zb = tx - tw / 2 - rng.uniform(0.5, 2.0), tx + tw / 2 + rng.uniform(0.5, 2.0), -1.5
+    objs: list[_Object] = []
+
+    def add(vt, mat, carrier=None):
+        objs.append(_Object(vt[0], vt[1], mat, carrier))
+        return len(objs) - 1
+
+    wall = _material(rng, [(0.85, 0.83, 0.78), (0.75, 0.8, 0.85), (0.9, 0.85, 0.7), (0.7, 0.75, 0.65)], (0.1, 0.5))
+    v, t = _box([(xl + xr) / 2, (floor_y + ceil_y) / 2, (zb + wall_z) / 2], [xr - xl, floor_y - ceil_y, wall_z - zb])
+    add((v, t[[i for i in range(12) if i // 2 != 3]]), wall)  # a closed room, as in _room
+    add((v, t[6:8]), _Material(CHECKER, (0.5, 0.5, 0.5), (0.4, 0.4, 0.4), rng.uniform(0.2, 0.5)))
+    wood = _Material(_pick(rng, [PLAIN, STRIPES, NOISE]), _pick(rng, _FURNITURE), (0.45, 0.3, 0.18),
+                     rng.uniform(0.03, 0.15), int(rng.integers(2)))
+    add(_box([tx, drop + 0.02, tz0 + td / 2], [tw, 0.04, td]), wood)
+    for sx in (-1, 1):  # legs
+        for sz in (0, 1):
+            add(_box([tx + sx * (tw / 2 - 0.05), (drop + 0.04 + floor_y) / 2, tz0 + 0.05 + sz * (td - 0.1)],
+                     [0.05, floor_y - drop - 0.04, 0.05]), wood)
+    pitch = rng.uniform(30, 45)
+    zc = drop / math.tan(math.radians(pitch))  # where the optical axis meets the table
+    tall = drop - 0.2  # nothing on the table comes nearer than 0.2 m below the camera
+    for _ in range(int(rng.integers(4, 12))):  # objects around the middle of the view
+        kind = rng.random()
+        s = rng.uniform(0.03, 0.12)  # footprint half-size
+        x = np.clip(rng.uniform(-0.7, 0.7) * zc, tx - tw / 2 + s, tx + tw / 2 - s)
+        z = np.clip(zc + rng.uniform(-0.5, 0.7) * zc, max(tz0, 0.25) + s, tz0 + td - s)
+        if kind < 0.35:  # a box or a book
+            hgt = rng.uniform(0.02, min(0.2, tall))
+            add(_box([x, drop - hgt / 2, z], [2 * s, hgt, rng.uniform(0.6, 1.4) * s * 2], rng.uniform(-40, 40)),
+                _material(rng, _FURNITURE + _CAR, (0.02, 0.1)))
+        elif kind < 0.65:  # a cup, a can, a bottle
+            r = min(s, rng.uniform(0.025, 0.06))
+            add(_cylinder([x, drop, z], r, rng.uniform(0.06, min(0.3, tall)), 16), _material(rng, _CAR, (0.01, 0.05)))
+        elif kind < 0.85:  # fruit, a ball
+            r = min(s, rng.uniform(0.03, 0.08))
+            add(_sphere([x, drop - r, z], r, 10, 20), _material(rng, _CAR + _LEAF, (0.01, 0.05)))
+        else:  # a pen or a pencil lying on the table: a thin structure
+            ang, half = rng.uniform(0, math.pi), rng.uniform(0.06, 0.1)
+            r = rng.uniform(0.004, 0.008)
+            d = half * np.array([math.cos(ang), 0.0, math.sin(ang)])
+            add(_cylinder_between(np.array([x, drop - r, z]) - d, np.array([x, drop - r, z]) + d, r, 6),
+                _Material(PLAIN, _pick(rng, _CAR)))
+    rot = np.radians([pitch, rng.uniform(-10, 10), rng.uniform(-3, 3)])
+    lamp = np.array([rng.uniform(xl + 0.3, xr - 0.3), ceil_y + 0.05, rng.uniform(0.0, wall_z - 0.3)])
+    light = {"kind": "point", "pos": lamp, "ambient": rng.uniform(0.3, 0.45)}
+    return objs, {"rotvec": rot, "light": light, "sky": False}
+
+
+_LAYOUTS = {"street": _street, "room": _room, "nature": _nature, "tabletop": _tabletop}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,7 +527,9 @@ def render_scene(seed: int, family: str = "street", width: int = 640, height: in
 
     K = default_K(family, width, height) if K is None else as_K(K)
     rng = np.random.default_rng(seed)
-    objs, extra = {"street": _street, "room": _room}[family](rng)
+    if family not in _LAYOUTS:
+        raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
+    objs, extra = _LAYOUTS[family](rng)
     R = rotation_from_rotvec(extra["rotvec"])  # camera from world
 
     scene = o3d.t.geometry.RaycastingScene(nthreads=1)
@@ -377,57 +575,9 @@ def render_scene(seed: int, family: str = "street", width: int = 640, height: in
     noise = np.random.default_rng([seed, 1]).normal(0, 0.006, rgb.shape)  # a little sensor noise
     img = (np.clip(rgb + noise, 0, 1) ** (1 / 1.2) * 255 + 0.5).astype(np.uint8).reshape(height, width, 3)
 
+    # Object ids: the geometry each ray hit, a decal counted as part of its carrier.
+    carrier = np.array([i if o.carrier is None else o.carrier for i, o in enumerate(objs)], np.int32)
+    object_id = np.where(ok, carrier[np.where(ok, gid, 0)], -1).astype(np.int32).reshape(height, width)
+
     world = Mesh.concat([Mesh(o.vertices, o.triangles) for o in objs])
-    return SyntheticScene(img, depth, K, family, seed, world.transformed(R, np.zeros(3)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The oracle teacher
-
-
-def oracle_teacher(depth_m: np.ndarray, rng: np.random.Generator, *, distortion: float = 0.03,
-                   blur_sigma_px: float = 1.0, scale_range: tuple[float, float] = (1.0, 100.0),
-                   shift_range: tuple[float, float] = (0.025, 0.1), n_waves: int = 3) -> np.ndarray:
-    """What a monocular model would say about a scene of known depth: relative disparity, never the truth.
-
-    From the true disparity 1/depth (sky 0), normalised by its maximum:
-    1. smooth multiplicative distortion 1 + distortion * f, f a sum of n_waves random plane waves of at
-       most 1.5 cycles across the image, scaled to |f| <= 1 (default +-3%: monocular models bend
-       large planes by a few percent);
-    2. Gaussian blur of blur_sigma_px (default 1 px): the teacher's edges are soft, so pixels next to a
-       depth edge get a mix of both sides, as from a DPT decoder's upsampling;
-    3. an unknown affine map: scale log-uniform in scale_range, shift uniform in shift_range (relative
-       to the maximum, default 2.5-10%: enough that valid pixels stay above the 2% sky threshold);
-    4. sky (depth 0) exactly 0, as Depth Anything outputs for the sky.
-    Draw order: scale, shift, then per wave: direction, frequency, phase, weight.
-    """
-    from scipy.ndimage import gaussian_filter
-
-    depth = np.asarray(depth_m, dtype=np.float64)
-    sky = ~(np.isfinite(depth) & (depth > 0))
-    disp = np.where(sky, 0.0, 1.0 / np.where(sky, 1.0, depth))
-    top = disp.max()
-    if top > 0:
-        disp = disp / top
-    scale = math.exp(rng.uniform(math.log(scale_range[0]), math.log(scale_range[1])))
-    shift = rng.uniform(*shift_range)
-
-    h, w = disp.shape
-    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-    field = np.zeros_like(disp)
-    for _ in range(n_waves):
-        ang = rng.uniform(0, 2 * math.pi)
-        cycles = rng.uniform(0.25, 1.5)
-        phase = rng.uniform(0, 2 * math.pi)
-        weight = rng.uniform(0.5, 1.0)
-        x = (u * math.cos(ang) / w + v * math.sin(ang) / h) * 2 * math.pi * cycles
-        field += weight * np.cos(x + phase)
-    peak = np.abs(field).max()
-    if peak > 0:
-        field /= peak
-    disp = disp * (1.0 + distortion * field)
-    if blur_sigma_px > 0:
-        disp = gaussian_filter(disp, blur_sigma_px, mode="nearest")
-    out = scale * (disp + shift)
-    out[sky] = 0.0
-    return out.astype(np.float32)
+    return SyntheticScene(img, depth, K, family, seed, world.transformed(R, np.zeros(3)), object_id)

@@ -216,10 +216,11 @@ class OracleTeacher:
     model_id = ORACLE
     revision = None
 
-    def predict_from_depth(self, depth_m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def predict_from_depth(self, depth_m: np.ndarray, rng: np.random.Generator, **scene) -> np.ndarray:
+        """scene: rgb, object_id, family of the synthetic scene (see datagen.oracle.oracle_teacher)."""
         from datagen.synthetic import oracle_teacher  # lazy: the synthetic world is not needed for real data
 
-        return oracle_teacher(depth_m, rng)
+        return oracle_teacher(depth_m, rng, **scene)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         raise TypeError("the oracle teacher sees true depth, not images: call predict_from_depth(depth_m, rng)")

@@ -1,5 +1,10 @@
 """What is in a set of shards: counts, members, value ranges, LiDAR density, K; and a preview.
 
+Labelled shards also get the teacher's accuracy against their GT, as Depth Anything reports zero-shot
+relative depth (shared/relative_depth.py: AbsRel and delta1 after a per-image affine fit in disparity;
+mean over images with a 95% bootstrap interval), per family (synthetic) or source: how good the teacher
+is where the truth is known, e.g. the oracle's calibration on a held-out synthetic set.
+
 The logic behind `datagen inspect`; kept in `shared` so it needs neither Ray nor Open3D.
 """
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.relative_depth import depth_cap_for, mean_interval, relative_depth_errors
 from shared.shard import ReadStats, Sample, iter_samples, list_shards
 
 
@@ -38,6 +44,7 @@ class Summary:
     fx: list = field(default_factory=list)
     first_K: list | None = None
     errors: list = field(default_factory=list)
+    teacher_vs_gt: dict = field(default_factory=dict)  # family or source -> list of per-image scores
 
     def as_dict(self) -> dict:
         dens = np.array(self.density_pct) if self.density_pct else None
@@ -54,6 +61,9 @@ class Summary:
             "fx_px": None if not self.fx else {"min": min(self.fx), "max": max(self.fx)},
             "first_K": self.first_K,
             "errors": self.errors[:20],
+            "teacher_vs_gt": {k: {"images": len(v), "absrel": mean_interval([r["absrel"] for r in v]),
+                                  "delta1": mean_interval([r["delta1"] for r in v])}
+                              for k, v in sorted(self.teacher_vs_gt.items())},
         }
 
 
@@ -78,6 +88,11 @@ def summarize(spec, limit: int | None = None, keep: int = 0) -> tuple[Summary, l
                 s.ranges.setdefault(name, _Range()).add(arr)
         if sample.sparse is not None:
             s.density_pct.append(100.0 * np.count_nonzero(sample.sparse) / sample.sparse.size)
+        if sample.teacher is not None and sample.gt is not None:
+            score = relative_depth_errors(sample.teacher, sample.gt, depth_cap_for(sample.gt))
+            if score is not None:
+                group = sample.meta.get("family") or sample.meta.get("source", "?")
+                s.teacher_vs_gt.setdefault(group, []).append(score)
         s.fx.append(float(sample.K[0, 0]))
         if s.first_K is None:
             s.first_K = sample.K.tolist()
@@ -108,6 +123,10 @@ def format_summary(s: Summary) -> str:
         lines.append(f"fx                {d['fx_px']['min']:.1f} .. {d['fx_px']['max']:.1f} px")
     if d["first_K"]:
         lines.append(f"K (first sample)  {np.round(np.array(d['first_K']), 2).tolist()}")
+    for group, t in d["teacher_vs_gt"].items():
+        a, d1 = t["absrel"], t["delta1"]
+        lines.append(f"teacher vs GT     {group}: AbsRel {a[0]:.4f} [{a[1]:.4f}, {a[2]:.4f}], delta1 {d1[0]:.4f} "
+                     f"[{d1[1]:.4f}, {d1[2]:.4f}] over {t['images']} images (affine fit in disparity, 95% interval)")
     for e in d["errors"][:5]:
         lines.append(f"error             {e}")
     return "\n".join(lines)

@@ -54,6 +54,7 @@ class Record:
     sparse: np.ndarray | None = None  # real LiDAR (labelled sets)
     gt: np.ndarray | None = None  # ground truth (labelled sets)
     true_depth: np.ndarray | None = None  # the synthetic world's exact depth (oracle teacher)
+    true_object_id: np.ndarray | None = None  # and which object each pixel sees (int32, -1 = sky)
     meta: dict = field(default_factory=dict)
 
 

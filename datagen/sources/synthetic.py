@@ -28,12 +28,13 @@ from __future__ import annotations
 import numpy as np
 
 from datagen.lidar import get_pattern
+from datagen.synthetic import FAMILIES
 from shared.camera import make_K
 
 from .base import InputError, Item, Record, Source, make_key
 
-FAMILIES = ("street", "room")
-DEFAULT_SIZE = {"street": (608, 192), "room": (256, 192)}  # W, H: multiples of 32; KITTI-like / NYU-like aspect
+# W, H: multiples of 32; KITTI-like, NYU-like (4:3), a photo's 3:2, a phone's 4:3
+DEFAULT_SIZE = {"street": (608, 192), "room": (256, 192), "nature": (384, 256), "tabletop": (256, 192)}
 SEMI_TOP_FRACTION = (0.30, 0.40)  # no GT above this fraction of the height (KITTI: LiDAR sees no higher)
 SEMI_HOLES = (3, 8)               # elliptic holes per image, inclusive
 SEMI_HOLE_AXES = (0.03, 0.10)     # hole semi-axes as fractions of the image height
@@ -80,10 +81,11 @@ class SyntheticSource(Source):
     has_native_intrinsics = True
     layout = """\
 (no files: --root is ignored) items are synthetic://<family>/<scene seed>, scenes 0..count-1.
-Options: family street|room|mixed (default street; mixed alternates), width/height (default 608x192
-for street, 256x192 for room), count (default 1000), seed (default 0), labelled (default False),
-gt semi|dense|accumulated (labelled only, default semi), rig native|kitti (labelled only, default
-native), camera default|random (unlabelled only, default default)."""
+Options: family street|room|nature|tabletop|mixed (default street; mixed takes each family in turn),
+width/height (default 608x192 for street, 256x192 for room and tabletop, 384x256 for nature), count
+(default 1000), seed (default 0), labelled (default False), gt semi|dense|accumulated (labelled only,
+default semi), rig native|kitti (labelled only, default native), camera default|random (unlabelled
+only, default default)."""
     option_defaults = {"family": "street", "width": None, "height": None, "count": 1000, "seed": 0,
                        "labelled": False, "gt": "semi", "rig": "native", "camera": "default"}
 
@@ -94,7 +96,7 @@ native), camera default|random (unlabelled only, default default)."""
         self.requested_intrinsics = intrinsics
         o = self.options
         if o["family"] not in (*FAMILIES, "mixed"):
-            raise ValueError(f"synthetic: family must be street, room or mixed, got {o['family']!r}")
+            raise ValueError(f"synthetic: family must be one of {', '.join(FAMILIES)} or mixed, got {o['family']!r}")
         for name, allowed in (("gt", GT_KINDS), ("rig", RIGS), ("camera", CAMERAS)):
             if o[name] not in allowed:
                 raise ValueError(f"synthetic: {name} must be one of {', '.join(allowed)}, got {o[name]!r}")
@@ -110,7 +112,7 @@ native), camera default|random (unlabelled only, default default)."""
 
     def family(self, index: int) -> str:
         f = self.options["family"]
-        return FAMILIES[index % 2] if f == "mixed" else f
+        return FAMILIES[index % len(FAMILIES)] if f == "mixed" else f  # mixed: each family in turn
 
     def size(self, family: str) -> tuple[int, int]:
         w0, h0 = DEFAULT_SIZE[family]
@@ -140,7 +142,8 @@ native), camera default|random (unlabelled only, default default)."""
         depth = np.asarray(scene.depth_m, dtype=np.float32)
         meta = {"family": fam, "scene_seed": s, "index": item.extra.get("index"), "intrinsics": "native"}
         rec = Record(item.key, self.name, item.path, np.asarray(scene.rgb, dtype=np.uint8),
-                     K=np.asarray(scene.K, dtype=np.float64), true_depth=depth, meta=meta)
+                     K=np.asarray(scene.K, dtype=np.float64), true_depth=depth, meta=meta,
+                     true_object_id=scene.object_id)
         if self.labelled:
             self._label(rec, scene, s)
         return rec

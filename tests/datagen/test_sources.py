@@ -368,8 +368,8 @@ def test_synthetic_items_deterministic_and_seeded():
     assert all(i.path == f"synthetic://street/{i.extra['scene_seed']}" for i in a.items())
     assert [i.key for i in get_source("synthetic", None, count=2, **SMALL).items()] == keys[:2]  # --limit = prefix
     assert not set(keys) & {i.key for i in get_source("synthetic", None, count=4, seed=1, **SMALL).items()}
-    mixed = get_source("synthetic", None, count=4, family="mixed", **SMALL).items()
-    assert [i.extra["family"] for i in mixed] == ["street", "room", "street", "room"]
+    mixed = get_source("synthetic", None, count=8, family="mixed", **SMALL).items()
+    assert [i.extra["family"] for i in mixed] == ["street", "room", "nature", "tabletop"] * 2  # each in turn
     r1 = a.load(a.items()[0])
     r2 = get_source("synthetic", None, count=4, **SMALL).load(a.items()[0])
     assert r1.rgb.shape == (64, 96, 3) and r1.rgb.dtype == np.uint8

@@ -1,19 +1,18 @@
 import numpy as np
 import pytest
 
-from datagen.disparity import disparity_to_depth
 from datagen.lidar import cast_rays
-from datagen.synthetic import default_K, oracle_teacher, render_scene
+from datagen.synthetic import _LAYOUTS, FAMILIES, MAX_DEPTH_M, default_K, render_scene
 
 W, H = 160, 120
 
 
-@pytest.mark.parametrize("family", ["street", "room"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_same_seed_same_bytes(family):
     a, b = render_scene(4, family, W, H), render_scene(4, family, W, H)
     c = render_scene(5, family, W, H)
     assert a.rgb.tobytes() == b.rgb.tobytes() and a.depth_m.tobytes() == b.depth_m.tobytes()
-    assert a.mesh.vertices.tobytes() == b.mesh.vertices.tobytes()
+    assert a.mesh.vertices.tobytes() == b.mesh.vertices.tobytes() and a.object_id.tobytes() == b.object_id.tobytes()
     assert a.depth_m.tobytes() != c.depth_m.tobytes()
 
 
@@ -35,7 +34,7 @@ def test_outputs_and_depth_ranges():
 def test_mesh_is_the_rendered_geometry():
     """Casting the camera's rays against SyntheticScene.mesh reproduces depth_m (a 1e-3 px nudge keeps
     rays off shared vertices)."""
-    for family in ("street", "room"):
+    for family in FAMILIES:
         s = render_scene(1, family, W, H)
         v, u = np.mgrid[0:H, 0:W].astype(np.float64) + 1e-3
         d = np.stack([(u - s.K[0, 2]) / s.K[0, 0], (v - s.K[1, 2]) / s.K[1, 1], np.ones_like(u)], -1).reshape(-1, 3)
@@ -43,6 +42,40 @@ def test_mesh_is_the_rendered_geometry():
         t = np.where(np.isfinite(t), t, 0)
         agree = np.abs(t - s.depth_m) <= 1e-3 * np.maximum(s.depth_m, 1) + 1e-3
         assert agree.mean() > 0.995  # all but pixels on a depth edge, where the nudge changes the surface
+
+
+def test_new_families_have_plausible_depths():
+    for seed in range(3):
+        n = render_scene(seed, "nature", W, H)
+        np.testing.assert_array_equal(n.K, default_K("nature", W, H))
+        valid = n.depth_m[n.depth_m > 0]
+        assert 0.05 < (n.depth_m == 0).mean() < 0.7          # a sky above the terrain
+        assert valid.min() >= 1.0 and valid.max() <= MAX_DEPTH_M["nature"]
+        assert valid.max() > 40.0                             # the terrain reaches far
+        assert (n.depth_m[-1] > 0).all()                      # the bottom row is ground
+        t = render_scene(seed, "tabletop", W, H)
+        assert (t.depth_m > 0).all()                          # a closed room: no sky
+        assert t.depth_m.min() >= 0.1 and t.depth_m.max() <= 6.0 <= MAX_DEPTH_M["tabletop"]
+        assert np.median(t.depth_m) < 1.5                     # a close-up
+    with pytest.raises(ValueError, match="family"):
+        render_scene(0, "forest", W, H)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_object_ids_are_the_hit_objects_with_decals_on_their_carriers(family):
+    s = render_scene(3, family, W, H)
+    assert s.object_id.dtype == np.int32 and s.object_id.shape == (H, W)
+    np.testing.assert_array_equal(s.object_id == -1, s.depth_m == 0)  # -1 is the sky, and only the sky
+    objs, _ = _LAYOUTS[family](np.random.default_rng(3))  # the same draws as the render's
+    assert s.object_id.max() < len(objs) and len(np.unique(s.object_id[s.object_id >= 0])) >= 3
+    decals = [i for i, o in enumerate(objs) if o.carrier is not None]
+    assert not np.isin(s.object_id, decals).any()        # lane marks, pictures: their carrier's id
+
+
+def test_street_decals_exist_and_show():
+    objs, _ = _LAYOUTS["street"](np.random.default_rng(0))
+    road = [o.carrier for o in objs if o.carrier is not None]
+    assert road and set(road) == {0}  # lane dashes, carried by the road (object 0)
 
 
 def test_image_and_depth_edges_partly_agree():
@@ -63,39 +96,20 @@ def test_render_accepts_a_given_K():
     np.testing.assert_array_equal(s.K, K)
 
 
-def test_oracle_teacher_is_close_to_but_never_the_truth():
-    s = render_scene(0, "street", W, H)
-    sky = s.depth_m == 0
-    disp = oracle_teacher(s.depth_m, np.random.default_rng(1))
-    assert disp.dtype == np.float32 and (disp[sky] == 0).all() and (disp[~sky] > 0).all()
-    true = 1.0 / s.depth_m[~sky].astype(np.float64)
-    A = np.stack([true, np.ones_like(true)], 1)
-    coef, *_ = np.linalg.lstsq(A, disp[~sky].astype(np.float64), rcond=None)
-    rel = np.abs(A @ coef - disp[~sky]) / disp[~sky]
-    assert coef[0] > 0
-    assert np.median(rel) < 0.05   # an affine map of the truth up to a few percent
-    assert rel.max() > 1e-3        # but not exactly one
-    # no distortion and no blur: exactly affine
-    exact = oracle_teacher(s.depth_m, np.random.default_rng(1), distortion=0.0, blur_sigma_px=0.0)
-    coef, *_ = np.linalg.lstsq(A, exact[~sky].astype(np.float64), rcond=None)
-    np.testing.assert_allclose(A @ coef, exact[~sky], rtol=1e-5)
+def test_source_carries_object_ids_and_downscale_keeps_them_ids():
+    """The synthetic source hands the oracle the scene's object ids; shrinking an unlabelled record shrinks
+    them by nearest neighbour (ids are labels: never blended)."""
+    from datagen.pipeline import downscale
+    from datagen.sources import get_source
+    from datagen.sources.synthetic import DEFAULT_SIZE
 
-
-def test_oracle_then_disparity_to_depth_keeps_the_sky_and_the_order():
-    s = render_scene(3, "street", W, H)
-    disp = oracle_teacher(s.depth_m, np.random.default_rng(2), blur_sigma_px=0.0, distortion=0.0)
-    depth, info = disparity_to_depth(disp, np.random.default_rng(3), scene="outdoor")
-    np.testing.assert_array_equal(depth == 0, s.depth_m == 0)
-    valid = depth > 0
-    # inverse depth stays an exact affine function of the true inverse depth
-    A = np.stack([1 / s.depth_m[valid].astype(np.float64), np.ones(valid.sum())], 1)
-    coef, *_ = np.linalg.lstsq(A, 1 / depth[valid].astype(np.float64), rcond=None)
-    np.testing.assert_allclose(A @ coef, 1 / depth[valid], rtol=1e-4)
-
-
-def test_oracle_same_seed_same_bytes():
-    s = render_scene(0, "room", W, H)
-    a = oracle_teacher(s.depth_m, np.random.default_rng(7))
-    b = oracle_teacher(s.depth_m, np.random.default_rng(7))
-    c = oracle_teacher(s.depth_m, np.random.default_rng(8))
-    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert set(DEFAULT_SIZE) == set(FAMILIES)
+    src = get_source("synthetic", None, count=3, family="nature", width=W, height=H)
+    rec = src.load(src.items()[0])
+    scene = render_scene(rec.meta["scene_seed"], "nature", W, H)
+    np.testing.assert_array_equal(rec.true_object_id, scene.object_id)
+    small = downscale(rec, 48)
+    assert small.true_object_id.shape == small.true_depth.shape == small.rgb.shape[:2] == (36, 48)
+    assert small.true_object_id.dtype == scene.object_id.dtype
+    assert set(np.unique(small.true_object_id)) <= set(np.unique(scene.object_id))
+    np.testing.assert_array_equal(small.true_object_id == -1, small.true_depth == 0)
