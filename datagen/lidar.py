@@ -597,7 +597,8 @@ class ScanResult:
     directions_cam: np.ndarray  # N x 3 float64, unit ray directions
     origin_cam: np.ndarray      # 3, the LiDAR origin
     n_rays: int                 # rays cast
-    n_triangles: int            # triangles in the BVH after culling
+    n_triangles: int            # triangles in the BVH after culling (the surface's, for a GridSurface)
+    ray_index: np.ndarray | None = None  # N int64, index of each return among the rays cast
 
 
 def _camera_azimuth_window(K: np.ndarray, width: int, height: int, R: np.ndarray) -> tuple[float, float, float]:
@@ -616,6 +617,17 @@ def _camera_azimuth_window(K: np.ndarray, width: int, height: int, R: np.ndarray
     az0 = float(_azimuth_deg(axis))
     rel = (_azimuth_deg(d_lid) - az0 + 180.0) % 360.0 - 180.0
     return az0 + float(rel.min()), az0 + float(rel.max()), az0
+
+
+def scan_window(mount: Mount, K: np.ndarray, width: int, height: int, min_range_m: float = 0.5,
+                az_margin_deg: float | None = None) -> tuple[float, float, float]:
+    """Azimuth window (lo, hi, degrees, LiDAR frame) of the rays a scan casts, and the camera axis's azimuth:
+    the camera's horizontal view widened by az_margin_deg (default: see simulate_scan)."""
+    t = mount.t_cam_from_lidar
+    lo, hi, az0 = _camera_azimuth_window(as_K(K), width, height, mount.R_cam_from_lidar)
+    if az_margin_deg is None:
+        az_margin_deg = math.degrees(math.asin(min(1.0, float(np.linalg.norm(t)) / min_range_m))) + 0.5
+    return lo - az_margin_deg, hi + az_margin_deg, az0
 
 
 EL_EPS_DEG = 0.01   # covers the great-circle bulge of triangles under BIG_DEG (see module docstring)
@@ -646,11 +658,7 @@ def simulate_scan(mesh: Mesh | GridSurface, pattern: LidarPattern, mount: Mount,
     R, t = mount.R_cam_from_lidar, mount.t_cam_from_lidar
     empty = ScanResult(np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0), np.zeros((0, 3)), t.copy(), 0, 0)
     phase = float(rng.uniform(0.0, pattern.azimuth_step_deg)) if pattern.spinning else 0.0
-
-    lo, hi, az0 = _camera_azimuth_window(K, width, height, R)
-    if az_margin_deg is None:
-        az_margin_deg = math.degrees(math.asin(min(1.0, float(np.linalg.norm(t)) / min_range_m))) + 0.5
-    lo, hi = lo - az_margin_deg, hi + az_margin_deg
+    lo, hi, az0 = scan_window(mount, K, width, height, min_range_m, az_margin_deg)
     if mesh.n_triangles == 0:
         return empty
     if isinstance(mesh, GridSurface):
@@ -689,7 +697,7 @@ def simulate_scan(mesh: Mesh | GridSurface, pattern: LidarPattern, mount: Mount,
         ok &= rng.random(len(r)) < keep_probability(sensor, r, max_range_m, cos_inc, bright)
     ok &= r > 0
     pts = t + r[ok, None] * d_cam[ok]
-    return ScanResult(pts, ring[ok], r[ok], d_cam[ok], t.copy(), len(d_cam), n_triangles)
+    return ScanResult(pts, ring[ok], r[ok], d_cam[ok], t.copy(), len(d_cam), n_triangles, np.flatnonzero(ok))
 
 
 def _with_overrides(sensor: SensorModel, noise_std_m: float | None, dropout: float | None) -> SensorModel:
