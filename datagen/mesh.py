@@ -14,7 +14,8 @@ Two methods, both returning a Mesh in camera coordinates (x right, y down, z for
   at camera height h ends: z = h * tan(limit); 85 deg cut KITTI-like ground at 19 m and the simulated
   hdl64 density to 4.0% (exact mesh: 4.5%); the default 88 deg keeps ground to 47 m (density 4.4%).
   A grid mesh holds only what the camera saw, so a LiDAR mounted away from the camera finds holes
-  (no return) behind foreground edges, never the hidden background a real scan shows there.
+  (no return) behind foreground edges, never the hidden background a real scan shows there; the
+  hidden-geometry layer (datagen.hidden) is a guess of that background, meshed by the same rules.
 - poisson: the paper's choice. Points with Open3D normals oriented towards the camera, screened
   Poisson reconstruction, and trimming of the vertices with the lowest density (the surface Poisson
   invents far from any sample). Smooth, watertight-ish, so it also closes surfaces the camera did
