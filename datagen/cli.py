@@ -82,6 +82,13 @@ def run(
                               "sample), kitti, or none (at the camera centre)."),
     lidar_noise_m: float = typer.Option(0.0, help="Gaussian range noise of the simulated LiDAR (metres)."),
     lidar_dropout: float = typer.Option(0.0, help="Fraction of simulated returns dropped."),
+    hidden_geometry: bool | None = typer.Option(None, "--hidden-geometry/--no-hidden-geometry",
+                                                help="Extend the background behind occluding edges so an offset "
+                                                "LiDAR sees past them. Default: on for --mount kitti/random "
+                                                "(grid mesh), off for none."),
+    sensor: str = typer.Option("ideal", help="Sensor effects: ideal (none), realistic (HDL-64E-like noise, "
+                               "dropouts, mixed returns), PRESET:key=value,... or a .json (docs/own_sensor.md). "
+                               "--lidar-noise-m/--lidar-dropout > 0 replace its uniform noise/dropout."),
     intrinsics: str = typer.Option("random", help="random, or native where the source has real intrinsics."),
     max_size: int = typer.Option(1280, help="Longest image side; larger inputs are downscaled (K follows). "
                                  "0: never."),
@@ -110,7 +117,8 @@ def run(
                     address=address, teacher=teacher, teacher_replicas=teacher_replicas,
                     teacher_batch=teacher_batch, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
                     mesh=mesh, occlusion=occlusion, mount=mount, lidar_noise_m=lidar_noise_m,
-                    lidar_dropout=lidar_dropout, intrinsics=intrinsics,
+                    lidar_dropout=lidar_dropout, hidden_geometry=hidden_geometry, sensor=sensor,
+                    intrinsics=intrinsics,
                     max_size=max_size or None, rgb_format=rgb_format,
                     source_options={k: v for k, v in options.items() if v is not None}, progress=progress)
     try:

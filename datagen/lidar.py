@@ -12,8 +12,14 @@ Mount: p_cam = R_cam_from_lidar @ p_lidar + t_cam_from_lidar; t is the LiDAR ori
 coordinates (metres). KITTI's Velodyne sits ~0.08 m above and ~0.27 m behind colour camera 2 and
 ~0.06 m to its right, so t ~ (0.06, -0.08, -0.27).
 
-Speed: the cost of Open3D's RaycastingScene is its BVH build, linear in the triangles (~0.3 s for the
-612k triangles of a 640 x 480 grid mesh on one core), while the rays are cheap. A spinning pattern hits
+Two casters. The grid mesh of a depth map (and its hidden-geometry layer, datagen.hidden) is a
+height field in the image grid: `simulate_scan` given a GridSurface walks each ray's projection across
+the pixel grid (datagen.heightfield), exact for that mesh and with no BVH to build. Any other mesh
+(Poisson, the synthetic world's exact geometry) goes to Open3D's RaycastingScene, as below.
+
+Speed of the Open3D path: the cost of Open3D's RaycastingScene is its BVH build, linear in the
+triangles (~0.3 s for the 612k triangles of a 640 x 480 grid mesh on one core), while the rays are
+cheap. A spinning pattern hits
 only triangles whose angular extent, seen from the sensor, contains one of its ring elevations and one
 of its azimuth samples, so `simulate_scan` builds the BVH over those alone (`cull=True`). The test is
 exact for azimuth (the azimuths of a triangle's points lie between its vertices' azimuths) and for
@@ -28,6 +34,7 @@ from real scans by datagen.lidar_fit). All of them go through get_pattern, so `-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -37,8 +44,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from datagen.heightfield import GridSurface, cast_surface, grid_surface
+from datagen.hidden import hidden_layer
 from datagen.mesh import Mesh, build_mesh
 from shared import sparsity
+from datagen.sensor import (
+    SENSOR_PRESETS,
+    SensorModel,
+    brightness,
+    edge_beams,
+    keep_probability,
+    mixed_ranges,
+    noise_sigma,
+    rim_directions,
+)
 from shared.camera import as_K, project
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,6 +82,8 @@ class LidarPattern:
     # What the pattern was built from when that is smaller than its rays (a density to sample from);
     # save_pattern writes it instead of the directions. None: the rays themselves are the definition.
     source: dict | None = None
+    # The sensor effects that go with the pattern (a pattern file's "sensor" entry); None: the caller's.
+    sensor: SensorModel | None = None
 
     def __post_init__(self) -> None:
         self.elevations_deg = np.asarray(self.elevations_deg, dtype=np.float64).ravel()
@@ -348,33 +369,42 @@ def density_pattern(az_edges_deg: np.ndarray, el_edges_deg: np.ndarray, counts: 
 def pattern_to_json(pattern: LidarPattern) -> dict:
     """The pattern as a pattern-file dict (full precision: json writes floats as repr, which round-trips)."""
     if pattern.source is not None:
-        return dict(pattern.source)
-    if pattern.spinning:
-        return {"type": "spinning", "name": pattern.name, "elevations_deg": pattern.elevations_deg.tolist(),
-                "azimuth_step_deg": float(pattern.azimuth_step_deg)}
-    return {"type": "directions", "name": pattern.name, "elevations_deg": pattern.elevations_deg.tolist(),
-            "azimuth_step_deg": float(pattern.azimuth_step_deg), "directions": pattern.directions.tolist(),
-            "direction_ring": pattern.direction_ring.tolist()}
+        out = dict(pattern.source)
+    elif pattern.spinning:
+        out = {"type": "spinning", "name": pattern.name, "elevations_deg": pattern.elevations_deg.tolist(),
+               "azimuth_step_deg": float(pattern.azimuth_step_deg)}
+    else:
+        out = {"type": "directions", "name": pattern.name, "elevations_deg": pattern.elevations_deg.tolist(),
+               "azimuth_step_deg": float(pattern.azimuth_step_deg), "directions": pattern.directions.tolist(),
+               "direction_ring": pattern.direction_ring.tolist()}
+    if pattern.sensor is not None:
+        out["sensor"] = pattern.sensor.to_dict()
+    return out
 
 
 def pattern_from_json(d: dict, rng: np.random.Generator | None = None, name: str = "file") -> LidarPattern:
     """Inverse of pattern_to_json. Keys other than the type's own (e.g. a fit report) are ignored.
 
-    'density' files with "resample": true draw fresh rays from rng when one is given.
+    'density' files with "resample": true draw fresh rays from rng when one is given. A "sensor" entry
+    (a SensorModel dict, a preset name or a sensor spec) becomes the pattern's sensor.
     """
     kind = d.get("type")
     name = str(d.get("name", name))
     if kind == "spinning":
-        return LidarPattern(name, np.asarray(d["elevations_deg"], np.float64), float(d["azimuth_step_deg"]))
-    if kind == "directions":
+        pat = LidarPattern(name, np.asarray(d["elevations_deg"], np.float64), float(d["azimuth_step_deg"]))
+    elif kind == "directions":
         dirs = np.asarray(d["directions"], np.float64).reshape(-1, 3)
         ring = d.get("direction_ring")
-        return LidarPattern(name, np.asarray(d.get("elevations_deg", []), np.float64), float(d.get("azimuth_step_deg", 0.0)), directions=dirs,
-                            direction_ring=None if ring is None else np.asarray(ring, np.int32))
-    if kind == "density":
-        return density_pattern(d["az_edges_deg"], d["el_edges_deg"], d["counts"], int(d["n_rays"]),
-                               int(d.get("seed", 0)), name, rng if d.get("resample") else None)
-    raise ValueError(f"pattern file: unknown type {kind!r} (use spinning, directions or density)")
+        pat = LidarPattern(name, np.asarray(d.get("elevations_deg", []), np.float64), float(d.get("azimuth_step_deg", 0.0)), directions=dirs,
+                           direction_ring=None if ring is None else np.asarray(ring, np.int32))
+    elif kind == "density":
+        pat = density_pattern(d["az_edges_deg"], d["el_edges_deg"], d["counts"], int(d["n_rays"]),
+                              int(d.get("seed", 0)), name, rng if d.get("resample") else None)
+    else:
+        raise ValueError(f"pattern file: unknown type {kind!r} (use spinning, directions or density)")
+    if d.get("sensor") is not None:
+        pat.sensor = get_sensor(d["sensor"])
+    return pat
 
 
 def save_pattern(pattern: LidarPattern, path: str | os.PathLike, extra: dict | None = None) -> None:
@@ -428,6 +458,41 @@ def get_pattern(spec: str | LidarPattern, rng: np.random.Generator | None = None
         return load_pattern(spec, rng)
     raise ValueError(f"unknown lidar pattern {spec!r}: use {sorted(LIDAR_PRESETS)}, 'random', 'custom:...', "
                      "'livox:...', 'lines:...' or a pattern .json file")
+
+
+def get_sensor(spec: str | dict | SensorModel | None) -> SensorModel:
+    """A SensorModel from a preset name ('ideal', 'realistic'), a preset with overrides
+    ('realistic:mixed_returns=0,dark_dropout=0.1'), overrides of 'ideal' alone ('noise_rel=0.001'), a dict
+    (SensorModel.to_dict), a JSON file holding such a dict (or a pattern file with a "sensor" entry), or None
+    (ideal)."""
+    if spec is None:
+        return SENSOR_PRESETS["ideal"]
+    if isinstance(spec, SensorModel):
+        return spec
+    if isinstance(spec, dict):
+        return SensorModel.from_dict(spec)
+    spec = spec.strip()
+    if spec.lower().endswith(".json"):
+        if not os.path.isfile(spec):
+            raise ValueError(f"sensor file {spec!r} not found")
+        st = os.stat(spec)
+        d = _read_json(os.path.abspath(spec), st.st_mtime_ns, st.st_size)
+        return get_sensor(d["sensor"] if "sensor" in d else d)
+    name, _, body = spec.partition(":")
+    if "=" in name:  # overrides of the ideal sensor
+        name, body = "ideal", spec
+    if name not in SENSOR_PRESETS:
+        raise ValueError(f"unknown sensor {name!r}: use {sorted(SENSOR_PRESETS)}, PRESET:key=value,... or a .json file")
+    base = SENSOR_PRESETS[name]
+    keys = {f for f in base.to_dict() if f != "name"}
+    kv = _parse_kv(body, keys, "sensor")
+    if not kv:
+        return base
+    try:
+        over = {k: float(v) for k, v in kv.items()}
+    except ValueError as exc:
+        raise ValueError(f"sensor {spec!r}: values must be numbers ({exc})") from exc
+    return SensorModel.from_dict({**base.to_dict(), **over, "name": spec})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -502,15 +567,27 @@ def cast_rays(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int =
     mesh: a Mesh or a scene from make_scene (to reuse one BVH across calls). origins: 3 or N x 3.
     nthreads=1 by default: the pipeline runs one image per core; pass 0 for all cores.
     """
+    return _cast_o3d(mesh, origins, directions, nthreads)[0]
+
+
+def _cast_o3d(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int = 1,
+              normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """cast_rays, and with normals=True also the unit normal of each triangle hit, facing the ray (N x 3)."""
     import open3d as o3d
 
     scene = make_scene(mesh, nthreads=nthreads) if isinstance(mesh, Mesh) else mesh
     d = np.asarray(directions, dtype=np.float32).reshape(-1, 3)
     o = np.broadcast_to(np.asarray(origins, dtype=np.float32).reshape(-1, 3), d.shape)
     if len(d) == 0:
-        return np.zeros(0)
+        return np.zeros(0), (np.zeros((0, 3)) if normals else None)
     rays = o3d.core.Tensor(np.ascontiguousarray(np.concatenate([o, d], axis=1)))
-    return scene.cast_rays(rays, nthreads=nthreads)["t_hit"].numpy().astype(np.float64)
+    hit = scene.cast_rays(rays, nthreads=nthreads)
+    t = hit["t_hit"].numpy().astype(np.float64)
+    if not normals:
+        return t, None
+    n = hit["primitive_normals"].numpy().astype(np.float64)
+    n[np.einsum("ij,ij->i", n, d) > 0] *= -1.0
+    return t, n
 
 
 @dataclass
@@ -523,7 +600,8 @@ class ScanResult:
     directions_cam: np.ndarray  # N x 3 float64, unit ray directions
     origin_cam: np.ndarray      # 3, the LiDAR origin
     n_rays: int                 # rays cast
-    n_triangles: int            # triangles in the BVH after culling
+    n_triangles: int            # triangles in the BVH after culling (the surface's, for a GridSurface)
+    ray_index: np.ndarray | None = None  # N int64, index of each return among the rays cast
 
 
 def _camera_azimuth_window(K: np.ndarray, width: int, height: int, R: np.ndarray) -> tuple[float, float, float]:
@@ -544,35 +622,98 @@ def _camera_azimuth_window(K: np.ndarray, width: int, height: int, R: np.ndarray
     return az0 + float(rel.min()), az0 + float(rel.max()), az0
 
 
+def scan_window(mount: Mount, K: np.ndarray, width: int, height: int, min_range_m: float = 0.5,
+                az_margin_deg: float | None = None) -> tuple[float, float, float]:
+    """Azimuth window (lo, hi, degrees, LiDAR frame) of the rays a scan casts, and the camera axis's azimuth:
+    the camera's horizontal view widened by az_margin_deg (default: see simulate_scan)."""
+    t = mount.t_cam_from_lidar
+    lo, hi, az0 = _camera_azimuth_window(as_K(K), width, height, mount.R_cam_from_lidar)
+    if az_margin_deg is None:
+        az_margin_deg = math.degrees(math.asin(min(1.0, float(np.linalg.norm(t)) / min_range_m))) + 0.5
+    return lo - az_margin_deg, hi + az_margin_deg, az0
+
+
 EL_EPS_DEG = 0.01   # covers the great-circle bulge of triangles under BIG_DEG (see module docstring)
 BIG_DEG = 2.0       # triangles with a larger angular extent are never culled
 
 
-def simulate_scan(mesh: Mesh, pattern: LidarPattern, mount: Mount, K: np.ndarray, width: int, height: int,
-                  rng: np.random.Generator, *, min_range_m: float = 0.5, max_range_m: float = 120.0,
-                  noise_std_m: float = 0.0, dropout: float = 0.0, az_margin_deg: float | None = None,
-                  cull: bool = True, nthreads: int = 1) -> ScanResult:
-    """Cast the pattern's rays (inside the camera's horizontal view) from the mount against the mesh.
+def simulate_scan(mesh: Mesh | GridSurface, pattern: LidarPattern, mount: Mount, K: np.ndarray, width: int,
+                  height: int, rng: np.random.Generator, *, min_range_m: float = 0.5, max_range_m: float = 120.0,
+                  noise_std_m: float | None = None, dropout: float | None = None, az_margin_deg: float | None = None,
+                  cull: bool = True, nthreads: int = 1, sensor: SensorModel | str | None = None,
+                  rgb: np.ndarray | None = None) -> ScanResult:
+    """Cast the pattern's rays (inside the camera's horizontal view) from the mount against the surface.
 
-    A return needs a hit with min_range_m <= range <= max_range_m (before noise). Range noise is
-    Gaussian along the ray (noise_std_m); dropout removes each return with that probability (absorbing
-    or specular surfaces). az_margin_deg widens the camera's azimuth window: by default the largest
-    angle a point at min_range_m can be displaced by the mount offset, asin(|t| / min_range), + 0.5 deg.
-    Draw order (same rng, same scan): azimuth phase, noise (if any), dropout (if any).
+    mesh: a GridSurface (datagen.heightfield: the exact height-field walk, no BVH) or any Mesh (Open3D,
+    with the triangle culling of the module docstring; cull=False builds the BVH over every triangle).
+    A return needs a first hit with min_range_m <= range <= max_range_m (before noise). The sensor
+    (datagen.sensor; default ideal) adds its effects; noise_std_m (Gaussian range noise along the ray)
+    and dropout (each return lost with that probability), when given, replace the sensor's own.
+    rgb (H x W x 3 uint8, the camera image) is needed by the sensor's dark-surface dropout.
+    az_margin_deg widens the camera's azimuth window: by default the largest angle a point at
+    min_range_m can be displaced by the mount offset, asin(|t| / min_range), + 0.5 deg.
+    Draw order (same rng, same scan): azimuth phase, then the sensor's draws (datagen.sensor).
     """
+    sensor = _with_overrides(get_sensor(sensor), noise_std_m, dropout)
+    if sensor.needs_brightness and rgb is None:
+        raise ValueError(f"sensor {sensor.name!r} has dark_dropout > 0: it needs the camera image (rgb=)")
     K = as_K(K)
     R, t = mount.R_cam_from_lidar, mount.t_cam_from_lidar
     empty = ScanResult(np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0), np.zeros((0, 3)), t.copy(), 0, 0)
     phase = float(rng.uniform(0.0, pattern.azimuth_step_deg)) if pattern.spinning else 0.0
-
-    lo, hi, az0 = _camera_azimuth_window(K, width, height, R)
-    if az_margin_deg is None:
-        az_margin_deg = math.degrees(math.asin(min(1.0, float(np.linalg.norm(t)) / min_range_m))) + 0.5
-    lo, hi = lo - az_margin_deg, hi + az_margin_deg
-    lo0, hi0 = lo, hi
+    lo, hi, az0 = scan_window(mount, K, width, height, min_range_m, az_margin_deg)
     if mesh.n_triangles == 0:
         return empty
+    if isinstance(mesh, GridSurface):
+        # The walk rejects a ray that cannot reach the surface in a few operations: no culling needed.
+        d_lid, ring = pattern.rays(lo, hi, phase)
+        n_triangles = mesh.n_triangles
 
+        def cast(d: np.ndarray, normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            return cast_surface(mesh, t, d, t_max=max_range_m)
+    else:
+        tris, (lo, hi, el_lo, el_hi) = _cull(mesh, pattern, R, t, phase, lo, hi, az0, cull)
+        if len(tris) == 0:
+            return empty
+        d_lid, ring = pattern.rays(lo, hi, phase, el_lo, el_hi)
+        n_triangles = len(tris)
+        scene = make_scene(mesh, tris, nthreads=nthreads) if len(d_lid) else None
+
+        def cast(d: np.ndarray, normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            return _cast_o3d(scene, t, d, nthreads=nthreads, normals=normals)
+    if len(d_lid) == 0:
+        return empty
+    d_cam = d_lid @ R.T
+    r, nrm = cast(d_cam, sensor.needs_normals)
+
+    ok = np.isfinite(r) & (r >= min_range_m) & (r <= max_range_m)
+    if sensor.mixes:
+        grid = (len(np.unique(ring)), len(ring) // len(np.unique(ring))) if pattern.spinning else None
+        _mix_edge_beams(r, ok, d_cam, ring, grid, cast, sensor, max_range_m, rng)
+    if sensor.noise_std_m > 0 or sensor.noise_rel > 0:
+        r = r + rng.normal(0.0, noise_sigma(sensor, r))
+    if sensor.dropout > 0:
+        ok &= rng.random(len(r)) >= sensor.dropout
+    if sensor.incidence_dropout > 0 or sensor.range_dropout > 0 or sensor.dark_dropout > 0:
+        cos_inc = np.abs(np.einsum("ij,ij->i", nrm, d_cam)) if sensor.needs_normals else None
+        bright = _brightness_at(rgb, K, t, r, d_cam) if sensor.needs_brightness else None
+        ok &= rng.random(len(r)) < keep_probability(sensor, r, max_range_m, cos_inc, bright)
+    ok &= r > 0
+    pts = t + r[ok, None] * d_cam[ok]
+    return ScanResult(pts, ring[ok], r[ok], d_cam[ok], t.copy(), len(d_cam), n_triangles, np.flatnonzero(ok))
+
+
+def _with_overrides(sensor: SensorModel, noise_std_m: float | None, dropout: float | None) -> SensorModel:
+    """The sensor with its uniform noise and dropout replaced by the explicit knobs that are given."""
+    over = {k: float(v) for k, v in (("noise_std_m", noise_std_m), ("dropout", dropout)) if v is not None}
+    return dataclasses.replace(sensor, **over) if over else sensor
+
+
+def _cull(mesh: Mesh, pattern: LidarPattern, R: np.ndarray, t: np.ndarray, phase: float, lo: float, hi: float,
+          az0: float, cull: bool) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The triangles a spinning pattern's rays can reach (all of them when not cull) and the ray window
+    (azimuth lo, hi, elevation lo, hi) that covers them; see the module docstring."""
+    lo0, hi0 = lo, hi
     # Angles of every vertex seen from the sensor, azimuth unwrapped around the camera's axis.
     v_lid = (mesh.vertices.astype(np.float64) - t) @ R
     v_az = ((_azimuth_deg(v_lid) - az0 + 180.0) % 360.0 - 180.0 + az0).astype(np.float32)
@@ -601,7 +742,7 @@ def simulate_scan(mesh: Mesh, pattern: LidarPattern, mount: Mount, K: np.ndarray
         keep |= big
         tris = tris[keep]
         if len(tris) == 0:
-            return empty
+            return tris, (lo, hi, -90.0, 90.0)
         az_min, az_max, el_min, el_max, big = az_min[keep], az_max[keep], el_min[keep], el_max[keep], big[keep]
     # No ray outside the angular extent of the geometry can hit anything. The vertices' angles bound a
     # triangle's only when it is small: a large floor quad's corners can sit at -4 deg while the floor
@@ -610,21 +751,36 @@ def simulate_scan(mesh: Mesh, pattern: LidarPattern, mount: Mount, K: np.ndarray
     el_lo, el_hi = float(el_min.min()) - EL_EPS_DEG, float(el_max.max()) + EL_EPS_DEG
     if big.any():
         lo, hi, el_lo, el_hi = lo0, hi0, -90.0, 90.0
-    d_lid, ring = pattern.rays(lo, hi, phase, el_lo, el_hi)
-    if len(d_lid) == 0:
-        return empty
-    d_cam = d_lid @ R.T
-    scene = make_scene(mesh, tris, nthreads=nthreads)
-    r = cast_rays(scene, t, d_cam, nthreads=nthreads)
+    return tris, (lo, hi, el_lo, el_hi)
 
-    ok = np.isfinite(r) & (r >= min_range_m) & (r <= max_range_m)
-    if noise_std_m > 0:
-        r = r + rng.normal(0.0, noise_std_m, size=len(r))
-    if dropout > 0:
-        ok &= rng.random(len(r)) >= dropout
-    ok &= r > 0
-    pts = t + r[ok, None] * d_cam[ok]
-    return ScanResult(pts, ring[ok], r[ok], d_cam[ok], t.copy(), len(d_cam), len(tris))
+
+def _mix_edge_beams(r: np.ndarray, ok: np.ndarray, d_cam: np.ndarray, ring: np.ndarray, grid, cast,
+                    sensor: SensorModel, max_range_m: float, rng: np.random.Generator) -> None:
+    """Mixed returns (datagen.sensor): rim rays for the beams next to a range jump; where a beam's
+    footprint straddles an edge, with probability mixed_returns its range becomes the footprint's mean.
+    Changes r in place (only returns inside ok)."""
+    idx = np.flatnonzero(edge_beams(np.where(ok, r, np.inf), grid))
+    if len(idx) == 0:
+        return
+    rim_r, _ = cast(rim_directions(d_cam[idx], sensor.beam_divergence_mrad).reshape(-1, 3))
+    rim_r = np.where(rim_r <= max_range_m, rim_r, np.inf).reshape(-1, 4)
+    straddle, mean = mixed_ranges(r[idx], rim_r)
+    mix = straddle & (rng.random(len(idx)) < sensor.mixed_returns)
+    r[idx[mix]] = mean[mix]
+
+
+def _brightness_at(rgb: np.ndarray, K: np.ndarray, origin: np.ndarray, r: np.ndarray, d_cam: np.ndarray) -> np.ndarray:
+    """Brightness of the camera pixel (nearest, clamped to the image) each ray's hit projects to; 1 on a miss."""
+    b = brightness(rgb)
+    h, w = b.shape
+    out = np.ones(len(r))
+    hit = np.isfinite(r)
+    uv, z = project(origin + r[hit, None] * d_cam[hit], K)
+    with np.errstate(invalid="ignore"):
+        u = np.clip(np.nan_to_num(np.floor(uv[:, 0] + 0.5)), 0, w - 1).astype(np.int64)
+        v = np.clip(np.nan_to_num(np.floor(uv[:, 1] + 0.5)), 0, h - 1).astype(np.int64)
+    out[hit] = b[v, u]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -686,10 +842,11 @@ def project_scan(points_cam: np.ndarray, K: np.ndarray, width: int, height: int,
 
 def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Generator, *,
                           pattern: str | LidarPattern = "hdl64", mount: Mount | str | None = None,
-                          mesh: str | Mesh = "grid", occlusion: str = "none", noise_std_m: float = 0.0,
-                          dropout: float = 0.0, min_range_m: float = 0.5, max_range_m: float = 120.0,
-                          mesh_kwargs: dict | None = None, nthreads: int = 1,
-                          rgb: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                          mesh: str | Mesh = "grid", occlusion: str = "none", noise_std_m: float | None = None,
+                          dropout: float | None = None, min_range_m: float = 0.5, max_range_m: float = 120.0,
+                          mesh_kwargs: dict | None = None, nthreads: int = 1, hidden: bool | None = None,
+                          sensor: str | dict | SensorModel | None = None, rgb: np.ndarray | None = None,
+                          caster: str = "heightfield") -> tuple[np.ndarray, dict]:
     """Dense depth -> mesh -> scan -> sparse depth (H x W float32, 0 = none), and what was drawn.
 
     pattern 'points:N' / 'keypoints:N' (keypoints of `rgb`) scans nothing: N pixels of depth_m, picked
@@ -698,6 +855,13 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
     pattern: a preset name, 'random', 'custom:...' or a LidarPattern. mount: None (identity), 'random'
     (sample_mount), 'kitti' (KITTI_MOUNT) or a Mount. mesh: 'grid', 'poisson' or a ready Mesh (e.g. the
     synthetic world's exact geometry). occlusion='zbuffer' judges camera visibility by depth_m.
+    hidden: add the background hidden behind occluding edges (datagen.hidden) as a second grid layer;
+    None (default) = on when the mount is offset from the camera centre and mesh='grid' (it applies
+    to the grid mesh only). sensor: a SensorModel, preset name or spec (get_sensor); None = the
+    pattern's own (a pattern file's "sensor") or 'ideal'. noise_std_m and dropout, when given, replace
+    the sensor's. rgb: the camera image (the sensor's dark-surface dropout reads it).
+    caster: 'heightfield' (the exact grid walk, fast) or 'open3d' (the same grid triangles in a BVH:
+    the reference; with hidden off, byte-identical to the scans before the height-field caster).
     Draw order: pattern (if random), mount (if random), then the scan's own draws.
     """
     depth_m = np.asarray(depth_m, dtype=np.float32)
@@ -715,18 +879,34 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
         mnt = KITTI_MOUNT
     else:
         raise ValueError(f"mount must be None, a Mount, 'random' or 'kitti', got {mount!r}")
+    sens = _with_overrides(get_sensor(sensor if sensor is not None else pat.sensor), noise_std_m, dropout)
+    if caster not in ("heightfield", "open3d"):
+        raise ValueError(f"caster must be 'heightfield' or 'open3d', got {caster!r}")
+    mesh_kwargs = dict(mesh_kwargs or {})
+    use_hidden = False
     if isinstance(mesh, Mesh):
         m, method = mesh, "given"
+    elif mesh == "grid":
+        method = mesh
+        use_hidden = bool(np.any(mnt.t_cam_from_lidar != 0)) if hidden is None else bool(hidden)
+        layer1 = (hidden_layer(depth_m, K, mnt.t_cam_from_lidar, max_rel_jump=mesh_kwargs.get("max_rel_jump", 0.1))
+                  if use_hidden else None)
+        m = grid_surface(depth_m, K, layer1, **mesh_kwargs)
+        if caster == "open3d":
+            m = m.to_mesh()
     else:
-        m, method = build_mesh(depth_m, K, mesh, **(mesh_kwargs or {})), mesh
+        m, method = build_mesh(depth_m, K, mesh, **mesh_kwargs), mesh
+    if hidden and not use_hidden:
+        raise ValueError(f"hidden geometry applies to the grid mesh, not to mesh={method!r}")
     scan = simulate_scan(m, pat, mnt, K, width, height, rng, min_range_m=min_range_m, max_range_m=max_range_m,
-                         noise_std_m=noise_std_m, dropout=dropout, nthreads=nthreads)
+                         nthreads=nthreads, sensor=sens, rgb=rgb)
     sparse = project_scan(scan.points_cam, K, width, height, occlusion, depth_m=depth_m)
     n_px = int(np.count_nonzero(sparse))
     info = {"preset": pat.name, "rings": pat.n_rings, "azimuth_step_deg": float(pat.azimuth_step_deg),
-            "pattern": pat.to_dict(), "pose": mnt.to_dict(), "noise_std_m": float(noise_std_m),
-            "dropout": float(dropout), "min_range_m": float(min_range_m), "max_range_m": float(max_range_m),
+            "pattern": pat.to_dict(), "pose": mnt.to_dict(), "noise_std_m": float(sens.noise_std_m),
+            "dropout": float(sens.dropout), "min_range_m": float(min_range_m), "max_range_m": float(max_range_m),
             "mesh": method, "n_triangles": int(m.n_triangles), "n_rays": int(scan.n_rays),
             "n_hits": int(len(scan.range_m)), "n_points": n_px, "density": n_px / float(width * height),
-            "occlusion": occlusion}
+            "occlusion": occlusion, "hidden_geometry": use_hidden, "sensor": sens.to_dict(),
+            "caster": caster if method == "grid" else "open3d"}
     return sparse, info

@@ -47,7 +47,8 @@ JOB_FILE = "job.json"
 ROWS_SUFFIX = ".rows.json"
 # settings that change the bytes of a shard: a rerun into the same folder must use the same ones
 FINGERPRINT_FIELDS = ("source", "teacher", "seed", "shard_size", "lidar", "mesh", "occlusion", "mount",
-                      "lidar_noise_m", "lidar_dropout", "intrinsics", "max_size", "rgb_format", "source_options")
+                      "lidar_noise_m", "lidar_dropout", "intrinsics", "max_size", "rgb_format", "source_options",
+                      "hidden_geometry", "sensor")
 MANIFEST_COLUMNS = ("key", "shard", "source_path", "width", "height", "K", "teacher", "lidar", "points", "bytes")
 FAILURE_COLUMNS = ("key", "shard", "source_path", "stage", "error")
 
@@ -77,8 +78,10 @@ class RunConfig:
     mesh: str = "grid"
     occlusion: str = "none"
     mount: str | None = "random"  # random: a rig drawn per sample (parallax as on real cars); none; kitti
-    lidar_noise_m: float = 0.0  # Gaussian range noise
-    lidar_dropout: float = 0.0  # fraction of returns dropped
+    lidar_noise_m: float = 0.0  # Gaussian range noise (> 0: replaces the sensor's own)
+    lidar_dropout: float = 0.0  # fraction of returns dropped (> 0: replaces the sensor's own)
+    hidden_geometry: bool | None = None  # background behind occluding edges; None: on for offset mounts
+    sensor: str = "ideal"  # sensor effects: ideal, realistic, PRESET:key=value,... or a .json (datagen.sensor)
     intrinsics: str = "random"
     max_size: int | None = 1280  # longest image side; larger unlabelled inputs are downscaled (K follows)
     rgb_format: str = "jpg"
@@ -217,7 +220,8 @@ def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict
     else:
         K, meta["intrinsics"] = _stage("intrinsics", sample_intrinsics, w, h, rngs["intrinsics"]), "random"
     lidar_kw = dict(pattern=cfg["lidar"], mesh=cfg["mesh"], occlusion=cfg["occlusion"],
-                    noise_std_m=cfg["lidar_noise_m"], dropout=cfg["lidar_dropout"], rgb=record.rgb)
+                    noise_std_m=cfg["lidar_noise_m"] or None, dropout=cfg["lidar_dropout"] or None,
+                    hidden=cfg.get("hidden_geometry"), sensor=cfg.get("sensor"), rgb=record.rgb)
     if cfg["mount"] not in (None, "none"):
         lidar_kw["mount"] = cfg["mount"]
     sparse, lidar_info = _stage("lidar", simulate_sparse_depth, depth_m, K, rngs["lidar"], **lidar_kw)
@@ -377,7 +381,9 @@ def warm_up(cfg: dict) -> int:
 
             OracleTeacher().predict_from_depth(np.full((32, 32), 5.0, np.float32), np.random.default_rng(0))
         simulate_sparse_depth(np.full((32, 32), 5.0, np.float32), make_K(30.0, 30.0, 15.5, 15.5),
-                              np.random.default_rng(0), pattern=cfg["lidar"], mesh=cfg["mesh"])
+                              np.random.default_rng(0), pattern=cfg["lidar"], mesh=cfg["mesh"],
+                              mount=None if cfg["mount"] in (None, "none") else "kitti",  # compiles the casters
+                              sensor=cfg.get("sensor"), rgb=np.zeros((32, 32, 3), np.uint8))
     except Exception:  # noqa: BLE001
         pass
     return os.getpid()
@@ -636,6 +642,7 @@ def prepare(cfg: RunConfig):
 
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    _check_lidar_settings(cfg)
     cfg.source_options = {k: v for k, v in cfg.source_options.items() if v is not None}
     if cfg.source == "synthetic":
         cfg.source_options.setdefault("seed", cfg.seed)  # --seed S also gives a new synthetic world
@@ -658,6 +665,18 @@ def prepare(cfg: RunConfig):
     if dup:
         raise ConfigError(f"source {cfg.source} gave duplicate keys, e.g. {dup[0]}")
     return items, teacher, resolved
+
+
+def _check_lidar_settings(cfg: RunConfig) -> None:
+    """The sensor spec parses, and hidden geometry is asked for only where it applies (the grid mesh)."""
+    from datagen.lidar import get_sensor
+
+    try:
+        get_sensor(cfg.sensor)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"--sensor {cfg.sensor!r}: {exc}") from exc
+    if cfg.hidden_geometry and cfg.mesh != "grid":
+        raise ConfigError(f"--hidden-geometry applies to --mesh grid, not {cfg.mesh!r}")
 
 
 def run(cfg: RunConfig) -> RunSummary:
@@ -726,6 +745,7 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
     actors = []
     task_cfg = {k: getattr(cfg, k) for k in ("source", "root", "intrinsics", "source_options", "seed", "lidar",
                                               "mesh", "occlusion", "mount", "lidar_noise_m", "lidar_dropout",
+                                              "hidden_geometry", "sensor",
                                               "max_size", "rgb_format", "teacher_batch")}
     try:
         warm = [ray.remote(warm_up).options(num_cpus=1).remote(task_cfg) for _ in range(min(workers, len(todo)))]

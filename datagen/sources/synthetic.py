@@ -155,10 +155,12 @@ only, default default)."""
 
         lidar_rng, mask_rng = (np.random.default_rng(q) for q in np.random.SeedSequence([seed, 1]).spawn(2))
         mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else "grid"
-        pattern = kitti_pattern(rec.K) if self.options["rig"] == "kitti" else "hdl64"
+        if self.options["rig"] == "kitti":  # the benchmark's target: scaled hdl64, an HDL-64E-like sensor
+            pattern, sensor = kitti_pattern(rec.K), {"sensor": "realistic", "rgb": rec.rgb}
+        else:
+            pattern, sensor = "hdl64", {"noise_std_m": LIDAR_NOISE_STD_M, "dropout": LIDAR_DROPOUT}
         rec.sparse, info = simulate_sparse_depth(
-            rec.true_depth, rec.K, lidar_rng, pattern=pattern, mount="kitti", mesh=mesh,
-            noise_std_m=LIDAR_NOISE_STD_M, dropout=LIDAR_DROPOUT)
+            rec.true_depth, rec.K, lidar_rng, pattern=pattern, mount="kitti", mesh=mesh, **sensor)
         rec.sparse = np.asarray(rec.sparse, dtype=np.float32)
         rec.meta["rig"] = self.options["rig"]
         if self.options["gt"] == "dense":
@@ -176,5 +178,5 @@ only, default default)."""
             rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
             rec.meta.update(gt="semi", **m)
         rec.meta["lidar"] = {k: info[k] for k in ("preset", "rings", "pattern", "pose", "noise_std_m", "dropout",
-                                                   "n_points")
+                                                   "sensor", "n_points")
                              if k in info}

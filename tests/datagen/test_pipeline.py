@@ -225,6 +225,34 @@ def test_cli(tmp_path):
     assert res.exit_code == 2 and "no-such-model" in res.output and not (tmp_path / "x").exists()
 
 
+def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
+    """--hidden-geometry/--no-hidden-geometry and --sensor reach the sample, its meta.json and job.json."""
+    from datagen.lidar import get_sensor
+    from datagen.pipeline import ConfigError, _fingerprint, prepare
+
+    items = get_source("synthetic", None, count=1, width=96, height=64).items()
+    base = {**SYN, "root": None, "intrinsics": "random", "seed": 0, "lidar": "hdl64", "mesh": "grid",
+            "occlusion": "none", "mount": "kitti", "lidar_noise_m": 0.0, "lidar_dropout": 0.0, "max_size": 1280,
+            "rgb_format": "jpg", "teacher_batch": 8, "source_options": {"width": 96, "height": 64, "count": 1}}
+    metas = {}
+    for name, extra in (("default", {}), ("off", {"hidden_geometry": False}), ("real", {"sensor": "realistic"})):
+        out = tmp_path / name
+        out.mkdir()
+        process_shard({**base, **extra}, 0, items, None, OracleTeacher().info(), str(out))
+        metas[name] = next(iter_samples(str(out))).meta["lidar"]
+    assert metas["default"]["hidden_geometry"] is True and metas["off"]["hidden_geometry"] is False  # kitti: on
+    assert get_sensor(metas["default"]["sensor"]) == get_sensor("ideal")
+    assert get_sensor(metas["real"]["sensor"]) == get_sensor("realistic")
+    fp = _fingerprint(RunConfig(**SYN), "oracle")
+    assert fp["hidden_geometry"] is None and fp["sensor"] == "ideal"
+    assert _fingerprint(RunConfig(**SYN, hidden_geometry=False), "oracle") != fp
+    assert _fingerprint(RunConfig(**SYN, sensor="realistic"), "oracle") != fp
+    with pytest.raises(ConfigError, match="sensor"):
+        prepare(RunConfig(**SYN, sensor="realistic:bogus=1"))
+    with pytest.raises(ConfigError, match="grid"):
+        prepare(RunConfig(**SYN, mesh="poisson", hidden_geometry=True))
+
+
 def test_shard_that_cannot_be_written_stops_the_job(tmp_path):
     """A shard task that raises (here: its final name is taken by a folder) stops the job with exit code 1
     and a message naming the shard; the shard is not marked finished. Last in the module: the job cancels
