@@ -242,14 +242,25 @@ def train_step(model, opt, batch: dict, amp: bool):
     return loss.item(), norm.item(), preds[-1].dtype
 
 
-def run_logged(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """A command of the project (a CLI, torchrun) from the repository root; stdout and stderr kept."""
+def run_logged(cmd: list, timeout: float) -> subprocess.CompletedProcess:
+    """A command of the project (a CLI, torchrun) from the repository root; stdout and stderr kept. At the
+    time limit it gets SIGTERM first (torchrun passes it on; Ray's driver stops the cluster it started)."""
     print(f"    $ {' '.join(str(c) for c in cmd)}", flush=True)
     t = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True,
-                          timeout=max(1.0, timeout), env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        err += f"\n[stopped at its time limit of {timeout:.0f} s]"
     print(f"    (exit {proc.returncode} after {time.perf_counter() - t:.1f} s)", flush=True)
-    return proc
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def torchrun() -> list[str]:
@@ -495,7 +506,7 @@ def part_knn(rows: Rows, s: Sizes, work: Path) -> None:
 # part 4: torchrun and the DDP process group
 
 
-def make_synthetic_shards(rows: Rows, s: Sizes, out: Path, n: int, teacher: str | None, timeout: float):
+def make_synthetic_shards(s: Sizes, out: Path, n: int, teacher: str | None, timeout: float):
     """`datagen run --source synthetic` into out; returns (the CompletedProcess, its shard folder)."""
     h, w = s.shard_hw
     cmd = [*datagen_cli(), "--limit", n, "--out", out, "--workers", s.workers, "--height", h, "--width", w,
@@ -506,7 +517,7 @@ def make_synthetic_shards(rows: Rows, s: Sizes, out: Path, n: int, teacher: str 
 
 
 def part_ddp(rows: Rows, s: Sizes, work: Path) -> None:
-    proc, shards = make_synthetic_shards(rows, s, work / "shards", 8, None, rows.left() / 3)
+    proc, shards = make_synthetic_shards(s, work / "shards", 8, None, rows.left() / 3)
     if not rows.check("datagen run: 8 synthetic scenes (oracle teacher)", proc.returncode == 0,
                       f"exit {proc.returncode}", tail(proc.stderr, 3) if proc.returncode else ""):
         return
@@ -586,7 +597,7 @@ def part_datagen(rows: Rows, s: Sizes, work: Path) -> None:
     from shared.shard import iter_samples, list_shards, validate_shard
 
     teacher = save_random_teacher(work / "tiny-da")
-    proc, out = make_synthetic_shards(rows, s, work / "shards", s.scenes, teacher, rows.left() - 5)
+    proc, out = make_synthetic_shards(s, work / "shards", s.scenes, teacher, rows.left() - 5)
     log = proc.stdout + proc.stderr
     if not rows.check(f"datagen run: {s.scenes} synthetic scenes, tiny random Depth Anything", proc.returncode == 0,
                       f"exit {proc.returncode}", tail(log, 4) if proc.returncode else ""):
@@ -647,6 +658,8 @@ def run_part(argv: list[str], limit: float) -> tuple[list[dict], float]:
                 break
             except subprocess.TimeoutExpired:
                 continue
+    with contextlib.suppress(ProcessLookupError):  # whatever the part left behind (a stray Ray worker)
+        os.killpg(proc.pid, signal.SIGTERM)
     reader.join(timeout=5)
     took = time.time() - t0
     rows = []
