@@ -19,7 +19,8 @@ and the others still run):
   5 datagen   `datagen run` on 64 synthetic scenes with a tiny random Depth Anything on the GPU, Ray local:
               shards validate, 64 manifest rows, images/s
 It writes bench/RESULTS-gpu.md (GPU, driver, CUDA, torch, commit, date; a table per part) whatever
-happens, prints progress as it goes, and exits 1 if any check failed (2: no CUDA device at all).
+happens, prints progress as it goes, and exits 1 if any check failed (2: no CUDA device at all; then
+it writes a report only where --out says, so a CPU machine never replaces a GPU run's results).
 --cpu runs the same code at tiny sizes on the CPU (gloo instead of nccl, `tiny` network, 8 scenes) and
 writes its report to --out or a temporary file, never to bench/RESULTS-gpu.md.
 
@@ -767,7 +768,8 @@ def main() -> int:
         env["FAILED before any part"] = (f"torch {env['torch']} (CUDA build: {env['CUDA (torch build)']}) sees no "
                                          "CUDA device. Install a CUDA build of torch, or run with --cpu.")
         print(env["FAILED before any part"], flush=True)
-        write_report(out, args.cpu, env, results, time.time() - t_start)
+        if args.out:  # never replace a GPU run's results with "no GPU here" unasked
+            write_report(out, args.cpu, env, results, time.time() - t_start)
         return 2
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for n in parts:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer import ops
@@ -73,6 +74,17 @@ def test_cpu_mode_runs_every_part_green_and_leaves_the_gpu_results_alone(tmp_pat
 def test_cpu_mode_refuses_to_write_the_gpu_results_file():
     proc = run_script("--cpu", "--out", str(ROOT / "bench" / "RESULTS-gpu.md"), timeout=60)
     assert proc.returncode == 2 and "never writes" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the whole GPU check")
+def test_without_a_gpu_the_gpu_mode_exits_2_and_keeps_the_gpu_results(tmp_path):
+    gpu_results = ROOT / "bench" / "RESULTS-gpu.md"
+    before = gpu_results.read_bytes() if gpu_results.exists() else None
+    proc = run_script(timeout=120)
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stdout
+    assert (gpu_results.read_bytes() if gpu_results.exists() else None) == before
+    proc = run_script("--out", str(tmp_path / "r.md"), timeout=120)  # asked for: the reason is written down
+    assert proc.returncode == 2 and "sees no CUDA device" in (tmp_path / "r.md").read_text()
 
 
 def test_a_part_past_its_time_limit_fails_the_run_and_the_report_is_still_written(tmp_path):
