@@ -313,7 +313,6 @@ def part_teacher(rows: Rows, s: Sizes, work: Path) -> None:
                     rows.check("parameters (published: 335.3M)", round(n, 1) == LARGE_PARAMS_M, f"{n:.2f}M")
                 else:
                     rows.measure("parameters", f"{n:.3f}M")
-            _, t_pre = timed("cpu", preprocess, teacher.processor, images)
             for b in s.teacher_batches:
                 if rows.left() < 15:
                     rows.skip(f"{dtype} batch {b}", "part time limit near")
@@ -322,6 +321,7 @@ def part_teacher(rows: Rows, s: Sizes, work: Path) -> None:
                 teacher.predict(images[:b])  # warm-up: allocator, kernel choice
                 reset_peak(dev)
                 outputs[dtype], t = timed(dev, teacher.predict, images)
+                _, t_pre = timed("cpu", preprocess, teacher.processor, images)  # warm, like predict's
                 x = torch.randn(b, 3, s.teacher_px, s.teacher_px, device=dev, dtype=teacher.dtype)
                 reps = max(1, 8 // b)
                 forwards(teacher.model, x, 1)
