@@ -542,49 +542,45 @@ def part_ddp(rows: Rows, s: Sizes, work: Path) -> None:
                    f"{sm['samples_per_s']:.2f} samples/s ({s.ddp_model}, crop {s.ddp_crop}, incl. start-up)")
         rows.measure("process group in that run", "none",
                      f"world size {sm['world_size']}: trainer/train.py forms one only when WORLD_SIZE > 1")
-    out = work / "ddp.json"
-    cmd = [*torchrun(), Path(__file__), "--ddp-worker", out] + (["--cpu"] if s.device == "cpu" else [])
-    proc = run_logged(cmd, rows.left() - 2)
-    ok = proc.returncode == 0 and out.is_file()
-    rows.check(f"{s.ddp_backend} process group + DDP({s.ddp_model}), {s.ddp_steps} bf16-autocast steps", ok,
-               f"exit {proc.returncode}", "" if ok else tail(proc.stdout + proc.stderr, 4))
-    if ok:
-        r = json.loads(out.read_text())
-        rows.check("backend, all_reduce, all_gather_object, barrier", r["backend"] == s.ddp_backend
-                   and all(map(math.isfinite, r["losses"])) and r["gathered"] == r["world"] == 1,
-                   f"backend {r['backend']}, losses {', '.join(f'{v:.4g}' for v in r['losses'])}")
+    with rows.step(f"{s.ddp_backend} process group"):
+        ddp_steps(rows, s, work)
 
 
-def ddp_worker(out: Path, s: Sizes) -> None:
-    """Under torchrun: the collectives trainer/train.py uses, on the backend it would pick, around DDP."""
+def ddp_steps(rows: Rows, s: Sizes, work: Path) -> None:
+    """The collectives trainer/train.py uses, on the backend it would pick, around DDP: in this process, as
+    rank 0 of 1 (the rendezvous through a file, no port)."""
     import torch
     import torch.distributed as dist
 
     from trainer.model import build_model
 
-    local = int(os.environ["LOCAL_RANK"])
-    dev = torch.device("cuda", local) if s.device == "cuda" else torch.device("cpu")
+    dev = torch.device(s.device, 0) if s.device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(s.ddp_backend)
-    torch.manual_seed(0)
-    model = build_model(s.ddp_model).to(dev)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    h, w = (int(v) for v in s.ddp_crop.split("x"))
-    batch = synthetic_batch(s.ddp_batch, h, w, dev)
-    losses = []
-    for _ in range(s.ddp_steps):
-        loss, _, _ = train_step(ddp, opt, batch, amp=True)
-        t = torch.tensor([loss], device=dev)
-        dist.all_reduce(t)
-        losses.append(t.item() / dist.get_world_size())
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"rank": dist.get_rank(), "rng": torch.get_rng_state()[:4].tolist()})
-    dist.barrier()
-    out.write_text(json.dumps({"backend": dist.get_backend(), "world": dist.get_world_size(), "losses": losses,
-                               "gathered": sum(g is not None for g in gathered)}))
-    dist.destroy_process_group()
+    dist.init_process_group(s.ddp_backend, store=dist.FileStore(str(work / "pg-store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(s.ddp_model).to(dev)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+        h, w = (int(v) for v in s.ddp_crop.split("x"))
+        batch = synthetic_batch(s.ddp_batch, h, w, dev)
+        losses = []
+        for _ in range(s.ddp_steps):
+            loss, _, _ = train_step(ddp, opt, batch, amp=True)
+            t = torch.tensor([loss], device=dev)
+            dist.all_reduce(t)
+            losses.append(t.item() / dist.get_world_size())
+        rows.check(f"{dist.get_backend()} process group + DDP({s.ddp_model}), {s.ddp_steps} bf16-autocast steps, "
+                   "all_reduce of the loss", dist.get_backend() == s.ddp_backend and all(map(math.isfinite, losses)),
+                   ", ".join(f"{v:.4g}" for v in losses))
+        gathered = [None]
+        dist.all_gather_object(gathered, {"rank": dist.get_rank(), "rng": torch.get_rng_state()[:4].tolist()})
+        dist.barrier()
+        rows.check("all_gather_object (of RNG states, as checkpoints do) and barrier", gathered[0]["rank"] == 0,
+                   f"gathered from rank {gathered[0]['rank']}")
+    finally:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -741,13 +737,9 @@ def main() -> int:
     ap.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = CPU if args.cpu else GPU
 
-    if args.ddp_worker:
-        ddp_worker(args.ddp_worker, sizes)
-        return 0
     if args.part:  # a child: run one part, every row saved as it comes
         rows = Rows(args.rows, args.deadline)
         with rows.step(f"part {args.part}"):

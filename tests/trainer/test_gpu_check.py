@@ -62,8 +62,8 @@ def test_cpu_mode_runs_every_part_green_and_leaves_the_gpu_results_alone(tmp_pat
                  "brute on cpu: indices and offsets equal to the KD-tree's, 20 cases",
                  "torchrun --nproc_per_node 1 trainer pretrain, 2 steps",
                  "steps, device, bf16 autocast, finite loss, checkpoint",
-                 "gloo process group + DDP(tiny), 2 bf16-autocast steps",
-                 "backend, all_reduce, all_gather_object, barrier",
+                 "gloo process group + DDP(tiny), 2 bf16-autocast steps, all_reduce of the loss",
+                 "all_gather_object (of RNG states, as checkpoints do) and barrier",
                  "teacher replica on cpu", "shards validate", "manifest has 8 rows, no failures"):
         assert what in passed, what
     assert rows["brute on cpu: indices and offsets equal to the KD-tree's, 20 cases"][0] == "20/20 equal"
