@@ -519,9 +519,14 @@ def make_synthetic_shards(s: Sizes, out: Path, n: int, teacher: str | None, time
 
 def part_ddp(rows: Rows, s: Sizes, work: Path) -> None:
     proc, shards = make_synthetic_shards(s, work / "shards", 8, None, rows.left() / 3)
-    if not rows.check("datagen run: 8 synthetic scenes (oracle teacher)", proc.returncode == 0,
-                      f"exit {proc.returncode}", tail(proc.stderr, 3) if proc.returncode else ""):
-        return
+    if rows.check("datagen run: 8 synthetic scenes (oracle teacher)", proc.returncode == 0,
+                  f"exit {proc.returncode}", tail(proc.stderr, 3) if proc.returncode else ""):
+        pretrain_under_torchrun(rows, s, work, shards)
+    with rows.step(f"{s.ddp_backend} process group"):
+        ddp_steps(rows, s, work)
+
+
+def pretrain_under_torchrun(rows: Rows, s: Sizes, work: Path, shards: Path) -> None:
     summary_path = work / "pretrain.json"
     cmd = [*torchrun(), "-m", "trainer.cli", "pretrain", "--shards", shards, "--model", s.ddp_model,
            "--steps", s.pretrain_steps, "--batch-size", s.ddp_batch, "--crop", s.ddp_crop, "--out", work / "run",
@@ -529,21 +534,21 @@ def part_ddp(rows: Rows, s: Sizes, work: Path) -> None:
            "--json", summary_path]
     proc = run_logged(cmd, rows.left() / 2)
     ok = proc.returncode == 0 and summary_path.is_file()
-    rows.check(f"torchrun --nproc_per_node 1 trainer pretrain, {s.pretrain_steps} steps", ok,
-               f"exit {proc.returncode}", "" if ok else tail(proc.stdout + proc.stderr, 4))
-    if ok:
-        sm = json.loads(summary_path.read_text())
-        amp = s.device == "cuda"
-        rows.check("steps, device, bf16 autocast, finite loss, checkpoint",
-                   sm["steps"] == s.pretrain_steps and sm["device"].startswith(s.device) and sm["amp_bf16"] == amp
-                   and math.isfinite(sm["final_loss"]) and Path(sm["checkpoint"] or "").is_file(),
-                   f"{sm['steps']} steps on {sm['device']}, amp_bf16={sm['amp_bf16']}, "
-                   f"loss {sm['first_loss']:.4g} -> {sm['final_loss']:.4g}",
-                   f"{sm['samples_per_s']:.2f} samples/s ({s.ddp_model}, crop {s.ddp_crop}, incl. start-up)")
-        rows.measure("process group in that run", "none",
-                     f"world size {sm['world_size']}: trainer/train.py forms one only when WORLD_SIZE > 1")
-    with rows.step(f"{s.ddp_backend} process group"):
-        ddp_steps(rows, s, work)
+    if not rows.check(f"torchrun --nproc_per_node 1 trainer pretrain, {s.pretrain_steps} steps", ok,
+                      f"exit {proc.returncode}", "" if ok else tail(proc.stdout + proc.stderr, 4)):
+        return
+    sm = json.loads(summary_path.read_text())
+    amp = s.device == "cuda"
+    rows.check("steps, device, bf16 autocast, finite loss, checkpoint",
+               sm["steps"] == s.pretrain_steps and sm["device"].startswith(s.device) and sm["amp_bf16"] == amp
+               and math.isfinite(sm["final_loss"]) and Path(sm["checkpoint"] or "").is_file(),
+               f"{sm['steps']} steps on {sm['device']}, amp_bf16={sm['amp_bf16']}, "
+               f"loss {sm['first_loss']:.4g} -> {sm['final_loss']:.4g}",
+               f"{sm['samples_per_s']:.2f} samples/s ({s.ddp_model}, crop {s.ddp_crop}; train.py's figure, "
+               "with the loader's first batch)")
+    rows.measure("world size of that run", sm["world_size"],
+                 "trainer/train.py forms a process group (nccl on a GPU) only for 2+ processes, and NCCL refuses "
+                 "two ranks on one GPU: the next rows form one here")
 
 
 def ddp_steps(rows: Rows, s: Sizes, work: Path) -> None:
