@@ -117,7 +117,7 @@ PARTS = {
     4: ("part_ddp", "torchrun pre-training, 1 process; DDP process group", 90),
     5: ("part_datagen", "datagen run with the teacher on the device", 75),
 }
-CPU_LIMIT_S = 60  # per part in --cpu mode (each takes a few seconds)
+CPU_LIMIT_S = 60  # per part in --cpu mode (each takes 2-15 s on 2 cores)
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +133,9 @@ class Rows:
 
     def add(self, what: str, value="", status: str = "", note: str = "") -> None:
         self.rows.append({"what": what, "value": str(value), "status": status, "note": note})
-        self.path.write_text(json.dumps(self.rows, indent=1))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1))
+        os.replace(tmp, self.path)  # whole or not at all, even when the part is killed mid-write
         print(f"    {status or 'info':5s} {what}: {value}" + (f"  ({note})" if note else ""), flush=True)
 
     def check(self, what: str, ok: bool, value="", note: str = "") -> bool:
