@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONDONTWRITEBYTECODE ?= 1
 
 .PHONY: setup os-libs test test-shared test-datagen test-trainer lint demo bench bench-synthetic chaos \
-        finetune-kitti finetune-nyu clean
+        gpu-check finetune-kitti finetune-nyu clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,11 @@ bench: setup
 
 chaos: setup
 	$(BIN)/python bench/chaos.py
+
+# Every CUDA path once (teacher bf16/fp32, bf16 training, CUDA 4-NN, nccl DDP, datagen with the teacher on
+# the GPU), under 8 minutes on one GPU: bench/RESULTS-gpu.md, exit 1 on a failed check. ARGS="--parts 2,3".
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 # Fine-tune and evaluate on a labelled set (docs/finetune.md): shards when missing, trainer finetune
 # --resume, trainer eval. Variables: KITTI_ROOT / NYU_ROOT (required), TEACHER, INIT, MODEL, STEPS, OUT,

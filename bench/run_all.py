@@ -197,7 +197,8 @@ def write_markdown(results: dict, path: Path) -> None:
              f"{m['torch']}, " + (f"GPU {', '.join(m['gpu'])}" if m.get("gpu") else "no GPU")
              + (f", load average at start {m['load_average_start'][0]:.1f}" if "load_average_start" in m else "")
              + ". On a shared machine the numbers move from run to run; the ratios, measured in the same run, "
-               "move less.", ""]
+               "move less. The CUDA paths have their own check and report: `make gpu-check` writes "
+               "`bench/RESULTS-gpu.md`.", ""]
     sections = [("Geometry stages", "geometry", md_geometry), ("Simulated scan fidelity", "scan_fidelity", md_fidelity),
                 ("Data generation", "datagen", md_datagen),
                 ("Teacher (CPU)", "teacher", lambda d: md_teacher(d, "cpu")),

@@ -22,6 +22,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 NUM_NEIGHBOURS = 4
+KNN4_METHODS = ("kdtree", "brute")  # what knn4(method=...) accepts besides "auto"; bench/gpu_check.py checks each
 VALID_DEPTH = 1e-3  # the original's threshold for a valid sparse pixel (metres, or its unit)
 
 
