@@ -675,6 +675,8 @@ def prepare(cfg: RunConfig):
     resolved = resolve_teacher(teacher)  # TeacherUnavailable, before any work
     if cfg.metric_scale_jitter < 0:
         raise ConfigError(f"--metric-scale-jitter must be >= 0, got {cfg.metric_scale_jitter}")
+    if teacher == ORACLE and cfg.teacher_output not in (None, "disparity"):
+        raise ConfigError(f"--teacher-output {cfg.teacher_output}: the oracle teacher gives disparity")
     try:
         profile = teacher_profile(resolved, None if teacher == ORACLE else cfg.teacher_output)
     except TeacherOutputUnknown as exc:

@@ -215,6 +215,25 @@ def test_feed_for_a_cpu_model_normalises_and_finishes_in_the_task(teachers, imag
         np.testing.assert_array_equal(m, ref)
 
 
+@pytest.mark.parametrize("arch", ["depth_anything", "zoedepth", "depth_pro"])
+def test_accelerator_path_gives_the_same_maps(arch, teachers, images, monkeypatch):
+    """What a GPU replica does (uint8 pixels in, normalisation, network, post-processing and one transfer back
+    per batch in the model process), run here on the CPU: the same maps and facts as the CPU split."""
+    import datagen.teacher
+
+    teacher = teachers[arch]
+    cpu = teacher.predict_with_info(images)
+    monkeypatch.setattr(datagen.teacher, "accelerated", lambda device: True)
+    feed = TeacherFeed(teacher.info())
+    packed = feed.pack(images)
+    assert not packed.normalised
+    answer = teacher.run(packed)
+    assert all(extras is None for *_, extras in answer)  # finished in the model process
+    for (m, info), (ref, ref_info) in zip(feed.unpack(packed, answer), cpu, strict=True):
+        np.testing.assert_allclose(m, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+        assert info.keys() == ref_info.keys()
+
+
 def test_feed_marks_an_image_it_cannot_prepare(teachers, images):
     feed = TeacherFeed(teachers["dpt"].info())
     packed = feed.pack([images[0], np.zeros((5, 5), np.uint8), images[1]])
