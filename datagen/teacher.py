@@ -214,8 +214,6 @@ class TeacherFeed:
         self.batch_size = max(1, int(batch_size))
 
     def pack(self, images: list[np.ndarray]) -> Packed:
-        import torch
-
         prepared: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         errors = {}
         for i, image in enumerate(images):
@@ -234,6 +232,8 @@ class TeacherFeed:
                 part = members[k:k + self.batch_size]
                 batch = np.stack([p for _, p in part])
                 if not self.on_device:  # a CPU model process runs the network only
+                    import torch
+
                     batch = self.transforms.normalise(torch.from_numpy(batch)).numpy()
                 groups.append(([i for i, _ in part], batch))
         return Packed([tuple(im.shape[:2]) for im in images], groups, not self.on_device, errors)

@@ -101,6 +101,7 @@ class Transforms:
         self.scale, self.offset = _affine(settings.get("do_rescale", True), settings.get("rescale_factor", 1 / 255),
                                           settings.get("do_normalize", True), settings.get("image_mean", 0.0),
                                           settings.get("image_std", 1.0))
+        self._ab: dict = {}
 
     def spec(self) -> dict:
         return {"family": self.family, **self.settings}
@@ -115,8 +116,10 @@ class Transforms:
         """B x 3 x h x w pixels (uint8 or float, 0..255 units; any device) -> float32 pixel_values."""
         import torch
 
-        a = torch.tensor(self.scale, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        b = torch.tensor(self.offset, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        if x.device not in self._ab:  # made once per device: no small host-to-device copy per batch
+            self._ab[x.device] = tuple(torch.tensor(v, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+                                       for v in (self.scale, self.offset))
+        a, b = self._ab[x.device]
         return self._pad(torch.addcmul(b, x.to(torch.float32), a))
 
     def _pad(self, x):

@@ -236,6 +236,27 @@ def test_metric_teachers_through_ray(tmp_path, caplog):
                       teacher=save_random_teacher(tmp_path / "rel"), limit=3, shard_size=3, progress="none"))
 
 
+def test_job_file_from_before_teacher_kinds_still_resumes(tmp_path):
+    """A job.json written before teacher_output existed meant a disparity teacher: it resumes as one, and a
+    metric teacher in that folder is refused. teacher_about (licence, ...) is written but never compared."""
+    from dataclasses import replace
+
+    from datagen.pipeline import FINGERPRINT_DEFAULTS, _check_job_file, _fingerprint
+
+    cfg = RunConfig(source="folder", root="/x", teacher="/m")
+    now = _fingerprint(cfg, "/m", "disparity")
+    old = {k: v for k, v in now.items() if k not in FINGERPRINT_DEFAULTS}
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "mit"}}})
+    written = json.loads((tmp_path / "job.json").read_text())
+    assert written["teacher_output"] == "disparity" and written["teacher_about"]["license"]["license"] == "mit"
+    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "another card"}}})
+    with pytest.raises(PipelineError, match="teacher_output: 'disparity' before, 'metric' now"):
+        _check_job_file(tmp_path, _fingerprint(cfg, "/m", "metric"))
+    with pytest.raises(PipelineError, match="metric_scale_jitter"):
+        _check_job_file(tmp_path, _fingerprint(replace(cfg, metric_scale_jitter=0.2), "/m", "disparity"))
+
+
 def test_cli(tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"

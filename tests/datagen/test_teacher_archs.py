@@ -234,6 +234,19 @@ def test_accelerator_path_gives_the_same_maps(arch, teachers, images, monkeypatc
         assert info.keys() == ref_info.keys()
 
 
+def test_other_models_fall_back_to_their_own_processor(saved, images):
+    """A model type without a tensor re-expression runs its own transformers processor in the shard task and its
+    own post_process_depth_estimation: shown on the tiny Depth Anything, whose two paths must agree."""
+    from datagen.teacher_prep import ProcessorTransforms
+
+    teacher = DepthTeacher(saved["depth_anything"], device="cpu", batch_size=2)
+    fast = teacher.predict(images)
+    teacher.transforms = ProcessorTransforms(path=saved["depth_anything"], local_files_only=True)
+    assert teacher.info()["transforms"]["family"] == "processor"
+    for m, ref in zip(teacher.predict(images), fast, strict=True):
+        np.testing.assert_allclose(m, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
 def test_feed_marks_an_image_it_cannot_prepare(teachers, images):
     feed = TeacherFeed(teachers["dpt"].info())
     packed = feed.pack([images[0], np.zeros((5, 5), np.uint8), images[1]])
