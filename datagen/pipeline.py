@@ -216,8 +216,8 @@ def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict
     from datagen.pseudo_depth import teacher_to_depth
 
     depth_m, depth_info = _stage("depth", teacher_to_depth, disparity, teacher_info.get("output", "disparity"),
-                                 rngs["depth"], scene=scene_hint(record),
-                                 scale_jitter=cfg.get("metric_scale_jitter", 0.0), ceiling_m=teacher_info.get("ceiling_m"))
+                                 rngs["depth"], scene=scene_hint(record), ceiling_m=teacher_info.get("ceiling_m"),
+                                 scale_jitter=cfg.get("metric_scale_jitter", 0.0))
     if cfg["native_K"] and record.K is not None:
         K, meta["intrinsics"] = record.K, "native"
     else:
@@ -359,8 +359,9 @@ def teacher_maps(teacher, feed, packed, ref) -> list:
     except RayTaskError:
         results = []
         for i in range(len(packed.sizes)):
+            alone = packed.only(i)
             try:
-                results += feed.unpack(packed.only(i), ray.get(teacher.run.remote(packed.only(i))))[i:i + 1]
+                results += feed.unpack(alone, ray.get(teacher.run.remote(alone)))[i:i + 1]
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) else exc
                 results.append(StageError("teacher", f"{type(cause).__name__}: {str(cause).splitlines()[-1]}"))
@@ -720,7 +721,8 @@ def run(cfg: RunConfig) -> RunSummary:
         lock.close()
 
 
-def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_start: float, profile: dict) -> RunSummary:
+def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_start: float,
+                profile: dict) -> RunSummary:
     about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
     _check_job_file(out_dir, _fingerprint(cfg, teacher_spec, profile["output"]), about)
     removed = remove_partial_files(out_dir)

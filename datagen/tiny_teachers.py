@@ -91,9 +91,9 @@ def _depth_pro():
                             "patch_size": 6},
         fov_model_config={"model_type": "vit", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                           "patch_size": 8})
-    processor = {"image_processor_type": "DepthProImageProcessor", "do_resize": True, "size": {"height": 64, "width": 64},
-                 "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    processor = {"image_processor_type": "DepthProImageProcessor", "do_resize": True,
+                 "size": {"height": 64, "width": 64}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     return DepthProForDepthEstimation(config), processor
 
 
