@@ -13,7 +13,8 @@ Markdown table per area, every measurement beside its naive reference from the s
                    geometry, vs Poisson; first-call (numba compile) cost
     scan_fidelity  simulated scans vs the exact world's: recall, spurious, see-through, per mount and surface
     datagen        images/s at 1 and 2 workers vs the plain single-process loop
-    teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one)
+    teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one); the teacher
+                   actor's CPU per image outside the forward pass, before / after the pre-processing moved out
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
                    bpnet-s; the 90M-parameter bpnet with --full)
@@ -146,9 +147,17 @@ def md_datagen(d: dict) -> str:
 def md_teacher(d: dict, device: str) -> str:
     rows = [[r["model"], r["device"], r["dtype"], r["path"], fmt(r["images_per_s"]), fmt(r["median"]),
              ratio(r["vs_batch_1"])] for r in d["rows"]]
-    return (table(["model", "device", "dtype", "path", f"images/s (best of {d['reps']})", "median",
+    text = (table(["model", "device", "dtype", "path", f"images/s (best of {d['reps']})", "median",
                    "vs unbatched (batch 1)"], rows)
             + f"\n\n{d['images']} images of {d['size']}, {d['threads']} CPU threads ({device}).")
+    if d.get("actor"):  # the teacher actor's CPU per image outside the forward pass, before / after
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_teacher", HERE / "teacher.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        text += "\n" + module.format_overhead(d["actor"], d["images"])
+    return text
 
 
 def md_loader(d: dict) -> str:

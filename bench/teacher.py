@@ -1,4 +1,5 @@
-"""Teacher throughput: batched DepthTeacher vs one image at a time vs transformers' own pipeline.
+"""Teacher throughput (batched DepthTeacher vs one image at a time vs transformers' own pipeline), and the
+model process's CPU time per image outside the network, before and after the pre/post-processing moved out.
 
     python bench/teacher.py                          # tiny random DA on CPU (+ any DA V2 found in the HF cache)
     python bench/teacher.py --model depth-anything/Depth-Anything-V2-Large-hf --device cuda
@@ -8,6 +9,12 @@
 Prints a Markdown table of images/s (best and median of interleaved repetitions) and the ratio to
 batch 1 measured in the same run. Speed does not
 depend on the weights, so `--arch` measures a real architecture where no weights can be downloaded.
+
+The second table (`--overhead-sizes`, on by default) times, on one CPU thread with the tiny architecture at
+the real 518 px input, what the teacher actor spends per image besides the forward pass: before, the actor
+ran transformers' processor on every image and upsampled every map (the reference, kept here as
+`legacy_actor`); now the shard task does both (`TeacherFeed.pack` / `unpack`, timed as task CPU) and the
+actor only runs the network (`DepthTeacher.run`). Goal: <= 2 ms per image in the actor.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datagen.teacher import DepthTeacher, TeacherUnavailable, _cached_snapshot  # noqa: E402
+from datagen.teacher import DepthTeacher, TeacherFeed, TeacherUnavailable, _cached_snapshot  # noqa: E402
 
 V2_IDS = [f"depth-anything/Depth-Anything-V2-{s}-hf" for s in ("Small", "Base", "Large")]
 
@@ -81,9 +88,10 @@ def bench_one(name: str, spec: str, images, device: str | None, batch: int, with
     paths = {}
     if with_pipeline:
         from PIL import Image
-        from transformers import pipeline
+        from transformers import AutoImageProcessor, pipeline
 
-        pipe = pipeline("depth-estimation", model=teacher.model, image_processor=teacher.processor, device=dev)
+        processor = AutoImageProcessor.from_pretrained(spec)
+        pipe = pipeline("depth-estimation", model=teacher.model, image_processor=processor, device=dev)
         paths["HF pipeline, 1 by 1"] = lambda ims: [pipe(Image.fromarray(im)) for im in ims]
     paths["DepthTeacher batch 1"] = predict_with(1)
     paths[f"DepthTeacher batch {batch}"] = predict_with(batch)
@@ -96,6 +104,105 @@ def bench_one(name: str, spec: str, images, device: str | None, batch: int, with
     base = max(runs["DepthTeacher batch 1"])
     dtype = teacher.info()["dtype"]
     return [(name, dev, dtype, p, max(r), float(np.median(r)), max(r) / base) for p, r in runs.items()]
+
+
+def photos(sizes: list[tuple[int, int]], n: int) -> dict[tuple[int, int], list[np.ndarray]]:
+    """Photo-like images (gradients, texture, noise) per size: random noise is not what a resize sees."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for h, w in sizes:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, 128 + 100 * np.sin(xx / 9.0) * np.cos(yy / 13.0)], axis=-1)
+        out[(h, w)] = [np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+    return out
+
+
+def legacy_actor(processor, model, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """The teacher actor before the split (the reference): transformers' processor on every image, batches
+    per tensor size, transformers' post-processing (upsampling to the image) in the actor."""
+    from types import SimpleNamespace
+
+    out: list = [None] * len(images)
+    pending: dict[tuple, list] = {}
+
+    def run(queue):
+        x = torch.from_numpy(np.stack([p for _, p in queue]))
+        with torch.inference_mode():
+            pred = model(pixel_values=x).predicted_depth.float()
+            res = processor.post_process_depth_estimation(SimpleNamespace(predicted_depth=pred),
+                                                          target_sizes=[images[i].shape[:2] for i, _ in queue])
+        for (i, _), r in zip(queue, res, strict=True):
+            out[i] = r["predicted_depth"].numpy()
+
+    for i, image in enumerate(images):
+        px = processor(images=[image], return_tensors=None, input_data_format="channels_last")["pixel_values"][0]
+        queue = pending.setdefault(px.shape, [])
+        queue.append((i, np.ascontiguousarray(px, dtype=np.float32)))
+        if len(queue) == batch:
+            run(queue)
+            queue.clear()
+    for queue in pending.values():
+        if queue:
+            run(queue)
+    return out
+
+
+class ForwardClock:
+    """CPU seconds spent inside model.forward (one thread: the process clock is this thread's)."""
+
+    def __init__(self, model):
+        self.seconds, self._forward = 0.0, model.forward
+
+        def timed(*a, **kw):
+            t0 = time.process_time()
+            try:
+                return self._forward(*a, **kw)
+            finally:
+                self.seconds += time.process_time() - t0
+
+        model.forward = timed
+
+
+def actor_overhead(sizes: list[tuple[int, int]], n: int, batch: int, reps: int) -> list[dict]:
+    """CPU ms per image: the actor outside the forward pass, the forward, and the shard task's share, before
+    (legacy_actor) and after (TeacherFeed in the task + DepthTeacher.run in the actor); best of `reps`."""
+    from transformers import AutoImageProcessor
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_da(Path(tmp), "tiny", 518)
+        teacher = DepthTeacher(tmp, device="cpu", batch_size=batch)
+        processor = AutoImageProcessor.from_pretrained(tmp)
+        clock = ForwardClock(teacher.model)
+        feed = TeacherFeed(teacher.info(), batch)
+        gpu_feed = TeacherFeed({**teacher.info(), "device": "cuda"}, batch)  # packing only: no GPU needed
+        for hw, images in photos(sizes, n).items():
+            best = {}
+            for _ in range(reps):
+                clock.seconds, t0 = 0.0, time.process_time()
+                before = legacy_actor(processor, teacher.model, images, batch)
+                runs = {"before": (time.process_time() - t0, clock.seconds, 0.0, 0.0)}
+                t0 = time.process_time()
+                packed = feed.pack(images)  # the shard task
+                t1 = time.process_time()
+                clock.seconds = 0.0
+                answer = teacher.run(packed)  # the actor
+                t2 = time.process_time()
+                after = [m for m, _ in feed.unpack(packed, answer)]  # the shard task
+                t3 = time.process_time()
+                gpu_feed.pack(images)  # what a task does for a GPU replica: the resize only
+                runs["after"] = (t2 - t1, clock.seconds, (t1 - t0) + (t3 - t2), time.process_time() - t3)
+                for path, (total, fwd, task, gpu_task) in runs.items():
+                    row = (max(total - fwd, 0.0), fwd, task, gpu_task)
+                    if path not in best or row[0] < best[path][0]:
+                        best[path] = row
+            worst = max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(after, before, strict=True))
+            for path, (actor, fwd, task, gpu_task) in best.items():
+                rows.append({"size": f"{hw[1]}x{hw[0]}", "path": path, "actor_ms": 1e3 * actor / n,
+                             "forward_ms": 1e3 * fwd / n, "task_ms": 1e3 * task / n,
+                             "task_gpu_replica_ms": 1e3 * gpu_task / n, "max_rel_diff": worst})
+    return rows
 
 
 def main() -> None:
@@ -111,6 +218,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="8 images, 2 repetitions, no HF pipeline row")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--overhead-sizes", default="480x640,960x1280",
+                    help="HxW list for the actor-overhead table ('' to skip)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.reps = 8, 2
@@ -144,13 +253,41 @@ def main() -> None:
         print(f"| {name} | {dev} | {dtype} | {path} | {best:.2f} | {median:.2f} | {ratio:.2f}x |")
     if not args.model and not any(r[0] in V2_IDS for r in rows):
         print("\n(no Depth Anything V2 weights in the local HF cache; pass --model to bench real ones)")
+    threads = torch.get_num_threads()
+    actor = []
+    if args.overhead_sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.overhead_sizes.split(",")]
+        actor = actor_overhead(sizes, n=args.n, batch=min(args.batch, 4), reps=args.reps)
+        print(format_overhead(actor, args.n))
     if args.json:
         import json
 
         keys = ("model", "device", "dtype", "path", "images_per_s", "median", "vs_batch_1")
         with open(args.json, "w") as f:
-            json.dump({"images": args.n, "size": args.size, "reps": args.reps, "threads": torch.get_num_threads(),
-                       "rows": [dict(zip(keys, r, strict=True)) for r in rows]}, f, indent=2)
+            json.dump({"images": args.n, "size": args.size, "reps": args.reps, "threads": threads,
+                       "rows": [dict(zip(keys, r, strict=True)) for r in rows], "actor": actor}, f, indent=2)
+
+
+def format_overhead(rows: list[dict], n: int) -> str:
+    """The actor-overhead rows as Markdown, with the before/after ratio of each size."""
+    out = [f"\nTeacher actor CPU per image outside the forward pass (tiny Depth Anything at 518 px, CPU, 1 thread, "
+           f"best of the repetitions, {n} images per size)\n",
+           "| image | path | actor outside forward (ms/img) | forward (ms/img) | shard task, CPU replica (ms/img) "
+           "| shard task, GPU replica (ms/img) | actor before / after |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        before = next(x for x in rows if x["size"] == r["size"] and x["path"] == "before")
+        ratio = f"{before['actor_ms'] / max(r['actor_ms'], 1e-9):.1f}x" if r["path"] == "after" else ""
+        what = ("before: processor + upsampling in the actor" if r["path"] == "before"
+                else "after: TeacherFeed in the task, network only in the actor")
+        gpu = f"{r['task_gpu_replica_ms']:.2f}" if r["path"] == "after" else "0.00"
+        out.append(f"| {r['size']} | {what} | {r['actor_ms']:.2f} | {r['forward_ms']:.1f} | {r['task_ms']:.2f} "
+                   f"| {gpu} | {ratio} |")
+    if rows:
+        out.append(f"\nlargest relative difference between the maps of the two paths: "
+                   f"{max(r['max_rel_diff'] for r in rows):.1e}. Shard task, GPU replica: the resize only "
+                   "(normalisation and upsampling run on the GPU); the actor's own CPU share there is the "
+                   "transfers and kernel launches, not measurable without a GPU.")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,13 @@ def run(
     workers: int | None = typer.Option(None, help="CPU workers (shard tasks at a time). Default: every core."),
     address: str | None = typer.Option(None, help="Ray cluster to join (host:port); default RAY_ADDRESS, "
                                        "else a local Ray on 127.0.0.1."),
-    teacher: str | None = typer.Option(None, help="Hub id, local folder or 'oracle'. Default: oracle for "
-                                       "synthetic, Depth-Anything-V2-Large-hf otherwise."),
+    teacher: str | None = typer.Option(None, help="Hub id or local folder of any depth model transformers loads "
+                                       "(see `datagen teachers`), or 'oracle'. Default: oracle for synthetic, "
+                                       "Depth-Anything-V2-Large-hf (CC-BY-NC-4.0) otherwise."),
+    teacher_output: str | None = typer.Option(None, help="What the teacher's map is: disparity, depth (relative) "
+                                              "or metric. Default: from the model's config or datagen's table."),
+    metric_scale_jitter: float = typer.Option(0.0, help="Metric teachers: multiply each pseudo depth map by one "
+                                              "random factor in [1/(1+J), 1+J] (seeded). 0: off."),
     teacher_replicas: int | None = typer.Option(None, help="Copies of the teacher model. Default: one per GPU, or 1."),
     teacher_batch: int = typer.Option(8, help="Images per teacher call."),
     limit: int | None = typer.Option(None, help="Only the first N inputs (synthetic: N scenes)."),
@@ -115,7 +120,8 @@ def run(
     options.update(_parse_option(o) for o in option)
     cfg = RunConfig(source=source, root=str(root) if root else None, out=str(out), workers=workers,
                     address=address, teacher=teacher, teacher_replicas=teacher_replicas,
-                    teacher_batch=teacher_batch, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
+                    teacher_batch=teacher_batch, teacher_output=teacher_output,
+                    metric_scale_jitter=metric_scale_jitter, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
                     mesh=mesh, occlusion=occlusion, mount=mount, lidar_noise_m=lidar_noise_m,
                     lidar_dropout=lidar_dropout, hidden_geometry=hidden_geometry, sensor=sensor,
                     intrinsics=intrinsics,
@@ -132,6 +138,14 @@ def run(
     typer.echo(summary.format())
     if summary.failed:
         typer.echo(f"failures are listed in {Path(summary.out_dir) / 'failures.parquet'}")
+
+
+@app.command()
+def teachers() -> None:
+    """The depth models datagen knows: output kind, licence as published, size, example checkpoints."""
+    from datagen.teacher_zoo import format_table
+
+    typer.echo(format_table())
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import numpy as np
 from datagen.heightfield import GridSurface, cast_surface, grid_surface
 from datagen.hidden import hidden_layer
 from datagen.mesh import Mesh, build_mesh
-from shared import sparsity
 from datagen.sensor import (
     SENSOR_PRESETS,
     SensorModel,
@@ -58,6 +57,7 @@ from datagen.sensor import (
     noise_sigma,
     rim_directions,
 )
+from shared import sparsity
 from shared.camera import as_K, project
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ ROWS_SUFFIX = ".rows.json"
 # settings that change the bytes of a shard: a rerun into the same folder must use the same ones
 FINGERPRINT_FIELDS = ("source", "teacher", "seed", "shard_size", "lidar", "mesh", "occlusion", "mount",
                       "lidar_noise_m", "lidar_dropout", "intrinsics", "max_size", "rgb_format", "source_options",
-                      "hidden_geometry", "sensor")
+                      "hidden_geometry", "sensor", "teacher_output", "metric_scale_jitter")
+# what a job.json written before a field existed meant by its absence (only disparity teachers existed then)
+FINGERPRINT_DEFAULTS = {"teacher_output": "disparity", "metric_scale_jitter": 0.0}
 MANIFEST_COLUMNS = ("key", "shard", "source_path", "width", "height", "K", "teacher", "lidar", "points", "bytes")
 FAILURE_COLUMNS = ("key", "shard", "source_path", "stage", "error")
 
@@ -71,6 +73,8 @@ class RunConfig:
     teacher: str | None = None  # None: oracle for synthetic, DEFAULT_TEACHER otherwise
     teacher_replicas: int | None = None  # None: one per GPU, or 1
     teacher_batch: int = 8
+    teacher_output: str | None = None  # None: from the model's config or datagen's table (disparity|depth|metric)
+    metric_scale_jitter: float = 0.0  # metric teachers: a global scale per image in [1/(1+j), 1+j]; 0 = off
     limit: int | None = None
     seed: int = 0
     shard_size: int = 128
@@ -200,7 +204,8 @@ def _stage(name: str, fn, *args, **kw):
 def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict, teacher_info: dict) -> Sample:
     """Everything after the teacher: depth, K and simulated LiDAR (unlabelled), or the labelled sample."""
     meta = {"source": record.source, "source_path": record.source_path, **record.meta,
-            "teacher": {k: teacher_info.get(k) for k in ("model", "revision", "dtype")}}
+            "teacher": {**{k: teacher_info.get(k) for k in ("model", "revision", "dtype")},
+                        "output": teacher_info.get("output", "disparity"), **teacher_info.get("per_image", {})}}
     h, w = record.rgb.shape[:2]
     if disparity is None or disparity.shape != (h, w):
         raise StageError("teacher", f"teacher map has shape {getattr(disparity, 'shape', None)}, image is {(h, w)}")
@@ -211,10 +216,12 @@ def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict
         return Sample(record.key, record.rgb, record.K, teacher=disparity, sparse=record.sparse, gt=record.gt,
                       meta=meta)
     from datagen.camera import sample_intrinsics
-    from datagen.disparity import disparity_to_depth
     from datagen.lidar import simulate_sparse_depth
+    from datagen.pseudo_depth import teacher_to_depth
 
-    depth_m, depth_info = _stage("depth", disparity_to_depth, disparity, rngs["depth"], scene=scene_hint(record))
+    depth_m, depth_info = _stage("depth", teacher_to_depth, disparity, teacher_info.get("output", "disparity"),
+                                 rngs["depth"], scene=scene_hint(record), ceiling_m=teacher_info.get("ceiling_m"),
+                                 scale_jitter=cfg.get("metric_scale_jitter", 0.0))
     if cfg["native_K"] and record.K is not None:
         K, meta["intrinsics"] = record.K, "native"
     else:
@@ -345,23 +352,26 @@ def _source(cfg: dict):
     return _SOURCES[key]
 
 
-def teacher_maps(teacher, images: list[np.ndarray], ref) -> list:
-    """The disparity maps of one chunk from a teacher replica; an image the model rejects becomes a
-    StageError in its slot (the batch is retried one image at a time), the others still get their map."""
+def teacher_maps(teacher, feed, packed, ref) -> list:
+    """(map, per-image facts) for each image of one chunk from a teacher replica; an image that could not be
+    prepared or that the model rejects becomes a StageError in its slot (a failed batch is retried one image
+    at a time), the others still get their map. `feed` (a TeacherFeed) finishes what a CPU replica leaves."""
     import ray
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ref)
+        results = feed.unpack(packed, ray.get(ref))
     except RayTaskError:
-        maps = []
-        for image in images:
+        results = []
+        for i in range(len(packed.sizes)):
+            alone = packed.only(i)
             try:
-                maps.append(ray.get(teacher.predict.remote([image]))[0])
+                results += feed.unpack(alone, ray.get(teacher.run.remote(alone)))[i:i + 1]
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) else exc
-                maps.append(StageError("teacher", f"{type(cause).__name__}: {str(cause).splitlines()[-1]}"))
-        return maps
+                results.append(StageError("teacher", f"{type(cause).__name__}: {str(cause).splitlines()[-1]}"))
+    return [StageError("teacher", str(r)) if isinstance(r, Exception) and not isinstance(r, StageError) else r
+            for r in results]
 
 
 def warm_up(cfg: dict) -> int:
@@ -425,23 +435,26 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
     def submit(loaded: list):  # the teacher starts on this chunk while the task finishes the previous one
         if teacher is None or not loaded:
             return None
-        return teacher.predict.remote([r.rgb for _, r in loaded])
+        packed = feed.pack([r.rgb for _, r in loaded])  # resized (and normalised for a CPU model) here
+        return packed, teacher.run.remote(packed)
 
-    def finish(loaded: list, ref) -> None:
+    def finish(loaded: list, sent) -> None:
         nonlocal writer
-        disparities = [None] * len(loaded) if ref is None else teacher_maps(teacher, [r.rgb for _, r in loaded], ref)
-        for (item, record), disp in zip(loaded, disparities, strict=True):
+        maps = [(None, {})] * len(loaded) if sent is None else teacher_maps(teacher, feed, *sent)
+        for (item, record), result in zip(loaded, maps, strict=True):
             seed = sample_seed(cfg["seed"], item.key)
             rngs = sample_rngs(seed)
             try:
-                if isinstance(disp, StageError):
-                    raise disp
+                if isinstance(result, StageError):
+                    raise result
+                disp, facts = result
                 if disp is None:  # the oracle: a teacher-like map made from the synthetic world's true depth
                     if record.true_depth is None:
                         raise StageError("teacher", "the oracle teacher needs true depth (synthetic source only)")
                     disp = _stage("teacher", oracle.predict_from_depth, record.true_depth, rngs["teacher"],
                                   rgb=record.rgb, object_id=record.true_object_id, family=record.meta.get("family"))
-                sample = build_sample(record, disp, cfg, seed, rngs, teacher_info)
+                info = {**teacher_info, "per_image": facts} if facts else teacher_info
+                sample = build_sample(record, disp, cfg, seed, rngs, info)
                 members = _stage("encode", encode_sample, sample, cfg["rgb_format"])
             except StageError as exc:
                 fail(item, exc.stage, exc.error)
@@ -457,11 +470,15 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
                 "bytes": sum(len(v) for k, v in members.items() if not k.startswith("__")),
             })
 
-    oracle = None
+    oracle = feed = None
     if teacher is None:
         from datagen.teacher import make_teacher
 
         oracle = make_teacher("oracle")
+    else:
+        from datagen.teacher import TeacherFeed
+
+        feed = TeacherFeed(teacher_info, cfg["teacher_batch"])
     batch = max(1, int(cfg["teacher_batch"]))
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     try:
@@ -497,14 +514,16 @@ def _teacher_actor_class():
     import ray
 
     class TeacherReplica:
-        """One copy of the model; shard tasks send it chunks of images."""
+        """One copy of the model. Shard tasks send it chunks already resized (and, for a CPU model, normalised)
+        by their TeacherFeed; it transfers each batch once, runs the network and, on an accelerator,
+        normalises and upsamples there too (DepthTeacher.run)."""
 
-        def __init__(self, spec: str, batch_size: int, cpu_threads: int):
+        def __init__(self, spec: str, batch_size: int, cpu_threads: int, output: str | None = None):
             import torch
 
             from datagen.teacher import make_teacher
 
-            self.teacher = make_teacher(spec, batch_size=batch_size)
+            self.teacher = make_teacher(spec, batch_size=batch_size, output=output)
             if self.teacher.device == "cpu":
                 # Ray gives a zero-CPU actor one thread; on a CPU-only machine the model may use the cores the
                 # workers leave free, and no more (a spinning thread pool on busy cores costs 100x)
@@ -513,8 +532,8 @@ def _teacher_actor_class():
         def info(self) -> dict:
             return self.teacher.info()
 
-        def predict(self, images: list) -> list:
-            return self.teacher.predict(images)
+        def run(self, packed):
+            return self.teacher.run(packed)
 
     return ray.remote(TeacherReplica)
 
@@ -576,27 +595,31 @@ def connect_ray(address: str | None, workers: int | None, log_to_driver: bool) -
     return False, use
 
 
-def _fingerprint(cfg: RunConfig, teacher: str) -> dict:
+def _fingerprint(cfg: RunConfig, teacher: str, teacher_output: str) -> dict:
     d = asdict(cfg)
-    d["teacher"] = teacher
+    d["teacher"], d["teacher_output"] = teacher, teacher_output  # the kind in use, however it was decided
     # how many inputs is not a setting of the bytes (synthetic's count works like --limit)
     d["source_options"] = {k: v for k, v in sorted(d["source_options"].items()) if k != "count"}
     return json.loads(json.dumps({k: d[k] for k in FINGERPRINT_FIELDS}))
 
 
-def _check_job_file(out_dir: Path, fingerprint: dict) -> None:
+def _check_job_file(out_dir: Path, fingerprint: dict, about: dict | None = None) -> None:
+    """Refuse an output folder made with other settings; write job.json: the fingerprint plus `about`
+    (facts that do not change the bytes, such as the teacher's licence: not compared)."""
     path = out_dir / JOB_FILE
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
+        if old is not None:
+            old = {k: old.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_FIELDS}
         if old is not None and old != fingerprint:
             diff = ", ".join(f"{k}: {old.get(k)!r} before, {fingerprint.get(k)!r} now"
                              for k in FINGERPRINT_FIELDS if old.get(k) != fingerprint.get(k))
             raise PipelineError(f"{out_dir} holds shards made with other settings ({diff}); "
                                 "use another --out or remove that folder")
-    atomic_write_bytes(path, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path, json.dumps({**fingerprint, **(about or {})}, indent=1, sort_keys=True).encode())
 
 
 class _Progress:
@@ -636,9 +659,11 @@ class _Progress:
 
 
 def prepare(cfg: RunConfig):
-    """Everything that must fail fast, before Ray starts: source layout, items, teacher."""
+    """Everything that must fail fast, before Ray starts: source layout, items, teacher (its weights, the kind
+    of map it gives, its licence). Returns (items, teacher spec, resolved spec, teacher profile)."""
     from datagen.sources import get_source
-    from datagen.teacher import DEFAULT_TEACHER, ORACLE, resolve_teacher
+    from datagen.teacher import DEFAULT_TEACHER, ORACLE, resolve_teacher, teacher_profile
+    from datagen.teacher_zoo import TeacherOutputUnknown
 
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
@@ -658,13 +683,21 @@ def prepare(cfg: RunConfig):
     if teacher == ORACLE and cfg.source != "synthetic":
         raise ConfigError("--teacher oracle needs true depth: it only works with --source synthetic")
     resolved = resolve_teacher(teacher)  # TeacherUnavailable, before any work
+    if cfg.metric_scale_jitter < 0:
+        raise ConfigError(f"--metric-scale-jitter must be >= 0, got {cfg.metric_scale_jitter}")
+    if teacher == ORACLE and cfg.teacher_output not in (None, "disparity"):
+        raise ConfigError(f"--teacher-output {cfg.teacher_output}: the oracle teacher gives disparity")
+    try:
+        profile = teacher_profile(resolved, None if teacher == ORACLE else cfg.teacher_output)
+    except TeacherOutputUnknown as exc:
+        raise ConfigError(f"teacher {teacher}: {exc}") from exc
     items = source.items()
     if cfg.limit is not None:
         items = items[:cfg.limit]
     dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]
     if dup:
         raise ConfigError(f"source {cfg.source} gave duplicate keys, e.g. {dup[0]}")
-    return items, teacher, resolved
+    return items, teacher, resolved, profile
 
 
 def _check_lidar_settings(cfg: RunConfig) -> None:
@@ -682,7 +715,11 @@ def _check_lidar_settings(cfg: RunConfig) -> None:
 def run(cfg: RunConfig) -> RunSummary:
     """Run (or resume) the job described by cfg; see the module docstring."""
     t_start = time.monotonic()
-    items, teacher_spec, teacher_resolved = prepare(cfg)
+    from datagen.teacher_zoo import license_line
+
+    items, teacher_spec, teacher_resolved, profile = prepare(cfg)
+    lic = profile["license"]
+    (log.warning if lic["non_commercial"] else log.info)("%s", license_line(teacher_spec, lic))
     out_dir = Path(cfg.out) / cfg.source
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -698,15 +735,17 @@ def run(cfg: RunConfig) -> RunSummary:
         lock.close()
         raise PipelineError(f"another datagen run is writing to {out_dir}") from exc
     try:
-        return _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir, t_start)
+        return _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir, t_start, profile)
     except OSError as exc:  # the driver's own files (job.json, the tables): disk full, permissions
         raise PipelineError(f"cannot write to {out_dir}: {exc}") from exc
     finally:
         lock.close()
 
 
-def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_start: float) -> RunSummary:
-    _check_job_file(out_dir, _fingerprint(cfg, teacher_spec))
+def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_start: float,
+                profile: dict) -> RunSummary:
+    about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
+    _check_job_file(out_dir, _fingerprint(cfg, teacher_spec, profile["output"]), about)
     removed = remove_partial_files(out_dir)
     if removed:
         log.info("removed %d partial file(s) left by an interrupted run", removed)
@@ -746,7 +785,7 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
     task_cfg = {k: getattr(cfg, k) for k in ("source", "root", "intrinsics", "source_options", "seed", "lidar",
                                               "mesh", "occlusion", "mount", "lidar_noise_m", "lidar_dropout",
                                               "hidden_geometry", "sensor",
-                                              "max_size", "rgb_format", "teacher_batch")}
+                                              "max_size", "rgb_format", "teacher_batch", "metric_scale_jitter")}
     try:
         warm = [ray.remote(warm_up).options(num_cpus=1).remote(task_cfg) for _ in range(min(workers, len(todo)))]
         if teacher_spec == "oracle":
@@ -762,7 +801,8 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
             # reserved CPU would leave a local 2-core job with one worker
             spare = max(1, (_local_cores() - workers) // replicas) if started else 1
             actors = [Replica.options(num_cpus=0, num_gpus=per_gpu, max_restarts=2, max_task_retries=2)
-                      .remote(teacher_resolved, cfg.teacher_batch, spare) for _ in range(replicas)]
+                      .remote(teacher_resolved, cfg.teacher_batch, spare, cfg.teacher_output)
+                      for _ in range(replicas)]
             try:  # load errors surface here, before any shard
                 infos = ray.get([a.info.remote() for a in actors])
             except ray.exceptions.RayError as exc:

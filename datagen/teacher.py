@@ -1,16 +1,20 @@
-"""The teacher: RGB images in, relative disparity out (Depth Anything V2 through transformers).
+"""The teacher: RGB images in, a depth map out, from any depth model of transformers (default: Depth Anything V2).
 
-It knows nothing about files, shards or Ray. `resolve_teacher` is the cheap check the pipeline runs
-before any work, so that missing weights fail in a second instead of after decoding a data set.
-`DepthTeacher.predict` reproduces what `pipeline("depth-estimation")` returns for each image, only
-batched: images whose processed tensors have the same size share a forward pass.
+It knows nothing about files, shards or Ray. `resolve_teacher` and `teacher_profile` are the cheap checks the
+pipeline runs before any work, so that missing weights or a model whose output kind is unknown fail in a
+second instead of after decoding a data set. `DepthTeacher.predict` reproduces what
+`pipeline("depth-estimation")` returns for each image, only batched: images whose processed tensors have the
+same size share a forward pass. The work is split so that a model process does only the network: a
+`TeacherFeed` (in the shard tasks) resizes the images and finishes the maps of a CPU model, `DepthTeacher.run`
+(in the model process) transfers, normalises and post-processes on an accelerator (see datagen/teacher_prep.py).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -140,12 +144,127 @@ def _pick_dtype(dtype, device: str):
     return torch.float32  # half precision on CPU is slow and loses accuracy for nothing
 
 
-class DepthTeacher:
-    """Depth Anything (V2) through transformers, batched; `predict` equals the HF pipeline per image."""
+def accelerated(device: str) -> bool:
+    """Whether a teacher on `device` normalises and post-processes its batches itself (an accelerator), or
+    leaves both to the shard tasks (a CPU model process is one process: the tasks are many)."""
+    return not str(device).startswith("cpu")
 
-    def __init__(self, spec: str = DEFAULT_TEACHER, device: str | None = None, dtype=None, batch_size: int = 8):
+
+def teacher_profile(spec: str, output: str | None = None, config=None) -> dict:
+    """What the pipeline must know about a teacher before any work: model type, output kind (see
+    datagen/teacher_zoo.py), the largest depth a bounded metric head gives, and the licence of its weights.
+
+    `spec` is what resolve_teacher returned. Reads config.json (never remote code, never the network when
+    the weights are cached); raises TeacherOutputUnknown when the kind cannot be told.
+    """
+    from datagen.teacher_zoo import head_max_depth, output_kind, teacher_license
+
+    if spec == ORACLE:
+        return {"model_type": ORACLE, "output": "disparity", "output_source": "oracle", "ceiling_m": None,
+                "license": {"license": "n/a", "source": "the synthetic world's own teacher", "non_commercial": False}}
+    if config is None:
+        from transformers import AutoConfig
+
+        cached = not Path(spec).is_dir() and _cached_snapshot(spec) is not None
+        try:
+            config = AutoConfig.from_pretrained(spec, local_files_only=cached or Path(spec).is_dir())
+        except (OSError, ValueError, KeyError) as exc:
+            raise TeacherUnavailable(f"teacher {spec}: its config.json cannot be read by transformers "
+                                     f"({type(exc).__name__}: {exc})") from exc
+    kind, source = output_kind(config, output)
+    return {"model_type": config.model_type, "output": kind, "output_source": source,
+            "ceiling_m": head_max_depth(config) if kind == "metric" else None, "license": teacher_license(spec)}
+
+
+@dataclass
+class Packed:
+    """One chunk of images ready for the model process: stacked per tensor size, with each image's size.
+
+    pixels are uint8 or float32 in 0..255 units (`normalised` False: the model process normalises them) or
+    pixel values (`normalised` True, done by the shard task for a CPU model). errors: images that could not
+    be prepared (index -> reason); they have no group.
+    """
+
+    sizes: list[tuple[int, int]]
+    groups: list[tuple[list[int], np.ndarray]]
+    normalised: bool
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def only(self, i: int) -> Packed:
+        """Image i alone (to find which image of a chunk the model rejects)."""
+        for idx, pixels in self.groups:
+            if i in idx:
+                return Packed(self.sizes, [([i], pixels[idx.index(i)][None])], self.normalised)
+        return Packed(self.sizes, [], self.normalised, {i: self.errors.get(i, "not prepared")})
+
+
+class TeacherFeed:
+    """The shard task's half of a teacher: prepares images for the model process and finishes its answers.
+
+    Built from DepthTeacher.info() (the transforms' settings and the device), so a CPU node needs neither
+    the weights nor the processor files. `pack` resizes (and, for a CPU model, normalises) on the task's own
+    core; `unpack` post-processes the raw maps a CPU model returns (an accelerator returns finished maps).
+    """
+
+    def __init__(self, info: dict, batch_size: int = 8):
+        from datagen.teacher_prep import transforms_from_spec
+
+        self.transforms = transforms_from_spec(info["transforms"])
+        self.on_device = accelerated(info["device"])
+        self.batch_size = max(1, int(batch_size))
+
+    def pack(self, images: list[np.ndarray]) -> Packed:
+        prepared: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        errors = {}
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                errors[i] = f"image {i}: expected HxWx3 uint8, got {image.shape} {image.dtype}"
+                continue
+            try:
+                pixels = self.transforms.resize(image)
+            except Exception as exc:  # noqa: BLE001 (one odd image must not stop its chunk)
+                errors[i] = f"image {i} ({image.shape[0]}x{image.shape[1]}): {type(exc).__name__}: {exc}"
+                continue
+            prepared.setdefault((pixels.dtype.str, pixels.shape), []).append((i, pixels))
+        groups = []
+        for members in prepared.values():
+            for k in range(0, len(members), self.batch_size):
+                part = members[k:k + self.batch_size]
+                batch = np.stack([p for _, p in part])
+                if not self.on_device:  # a CPU model process runs the network only
+                    import torch
+
+                    batch = self.transforms.normalise(torch.from_numpy(batch)).numpy()
+                groups.append(([i for i, _ in part], batch))
+        return Packed([tuple(im.shape[:2]) for im in images], groups, not self.on_device, errors)
+
+    def unpack(self, packed: Packed, answer: list) -> list:
+        """One (map, info) per image, or a ValueError in the slot of an image that could not be prepared."""
         import torch
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        out: list = [ValueError(packed.errors[i]) if i in packed.errors else None for i in range(len(packed.sizes))]
+        for idx, maps, infos, extras in answer:
+            if extras is not None:  # raw predictions of a CPU model process: finish them here
+                done, infos = self.transforms.finish(torch.from_numpy(maps),
+                                                     {k: torch.from_numpy(v) for k, v in extras.items()},
+                                                     [packed.sizes[i] for i in idx])
+                maps = [m.numpy() for m in done]
+            for i, m, info in zip(idx, maps, infos, strict=True):
+                out[i] = (np.asarray(m, dtype=np.float32), info)
+        return out
+
+
+class DepthTeacher:
+    """Any depth model of transformers (AutoModelForDepthEstimation), batched; `predict` equals the HF
+    pipeline per image. In the Ray pipeline this object lives in the model process and only `run` is called
+    there: the shard tasks prepare and finish the maps with a TeacherFeed (see datagen/teacher_prep.py)."""
+
+    def __init__(self, spec: str = DEFAULT_TEACHER, device: str | None = None, dtype=None, batch_size: int = 8,
+                 output: str | None = None):
+        import torch
+        from transformers import AutoModelForDepthEstimation
+
+        from datagen.teacher_prep import load_transforms
 
         resolved = resolve_teacher(spec)
         if resolved == ORACLE:
@@ -158,56 +277,64 @@ class DepthTeacher:
         is_dir = Path(resolved).is_dir()
         snapshot = None if is_dir else _cached_snapshot(resolved)
         # a cached hub model loads without asking the hub again: 64 workers must not each ping it
-        load = dict(local_files_only=snapshot is not None)
-        self.processor = AutoImageProcessor.from_pretrained(resolved, **load)
-        self.model = AutoModelForDepthEstimation.from_pretrained(resolved, dtype=self.dtype, **load)
+        local = snapshot is not None or is_dir
+        self.model = AutoModelForDepthEstimation.from_pretrained(resolved, dtype=self.dtype, local_files_only=local)
         self.model.to(self.device).eval()
+        self.profile = teacher_profile(resolved, output, config=self.model.config)
+        self.transforms = load_transforms(resolved, local_files_only=local)
         self.model_id = resolved
         self.revision = getattr(self.model.config, "_commit_hash", None) or (snapshot.name if snapshot else None)
         self._torch = torch
 
     def info(self) -> dict:
+        p = self.profile
         return {"model": self.model_id, "revision": self.revision, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self.device), "output": "relative_disparity"}
+                "device": str(self.device), "output": p["output"], "output_source": p["output_source"],
+                "model_type": p["model_type"], "ceiling_m": p["ceiling_m"], "license": p["license"],
+                "transforms": self.transforms.spec()}
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """HxWx3 uint8 images -> HxW float32 relative disparity (larger = nearer), one per image.
+        """HxWx3 uint8 images -> one HxW float32 map per image (its kind: info()["output"])."""
+        return [m for m, _ in self.predict_with_info(images)]
 
-        The processor resizes keeping aspect ratio to multiples of 14, so images of different sizes give
-        tensors of different sizes; those are queued per tensor size and each queue runs when full, which
-        keeps memory bounded by (number of distinct sizes) x batch_size processed images.
+    def predict_with_info(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, dict]]:
+        """As predict, with each image's facts from the post-processing (Depth Pro: fov_deg, focal_px).
+
+        Images whose tensors have the same size share a forward pass, in batches of batch_size.
         """
-        out: list[np.ndarray | None] = [None] * len(images)
-        pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-        for i, image in enumerate(images):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected HxWx3 uint8, got {image.shape} {image.dtype}")
-            pixels = self.processor(images=[image], return_tensors=None, input_data_format="channels_last")
-            # the PIL backend hands back a transposed (channels-last) view; a strided input makes every
-            # convolution in the model several times slower on CPU
-            pixels = np.ascontiguousarray(pixels["pixel_values"][0], dtype=np.float32)
-            queue = pending.setdefault(pixels.shape, [])
-            queue.append((i, pixels))
-            if len(queue) == self.batch_size:
-                self._run(queue, images, out)
-                queue.clear()
-        for queue in pending.values():
-            if queue:
-                self._run(queue, images, out)
-        return out
+        feed = TeacherFeed(self.info(), self.batch_size)
+        packed = feed.pack(images)
+        if packed.errors:
+            raise ValueError(next(iter(packed.errors.values())))
+        return feed.unpack(packed, self.run(packed))
 
-    def _run(self, queue: list[tuple[int, np.ndarray]], images: list[np.ndarray], out: list) -> None:
+    def run(self, packed: Packed) -> list:
+        """The model process's part: one transfer per batch, normalisation and post-processing on the device
+        when it is an accelerator, the network. Returns per batch (indices, maps, infos, None) when finished
+        here, or (indices, raw B x h x w predictions, None, extras) for the shard task to finish."""
         torch = self._torch
-        idx = [i for i, _ in queue]
-        batch = torch.from_numpy(np.stack([p for _, p in queue])).to(self.device, self.dtype)
-        with torch.inference_mode():
-            predicted = self.model(pixel_values=batch).predicted_depth
-            # upsample in fp32 whatever the model ran in: bicubic in bf16 would quantise the result
-            outputs = SimpleNamespace(predicted_depth=predicted.float())
-            sizes = [tuple(images[i].shape[:2]) for i in idx]
-            results = self.processor.post_process_depth_estimation(outputs, target_sizes=sizes)
-        for i, r in zip(idx, results, strict=True):
-            out[i] = r["predicted_depth"].cpu().numpy().astype(np.float32, copy=False)
+        answer = []
+        with torch.inference_mode(), warnings.catch_warnings():
+            # Ray hands the pixels over as read-only shared memory; the network never writes its input
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for idx, pixels in packed.groups:
+                x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+                if not packed.normalised:
+                    x = self.transforms.normalise(x)
+                out = self.model(pixel_values=x.to(self.dtype))
+                # post-process in fp32 whatever the model ran in: bicubic in bf16 would quantise the result
+                predicted = out.predicted_depth.float()
+                extras = {k: getattr(out, k).float() for k in self.transforms.extra_outputs
+                          if getattr(out, k, None) is not None}
+                if not accelerated(self.device):
+                    answer.append((idx, predicted.numpy(), None, {k: v.numpy() for k, v in extras.items()}))
+                    continue
+                maps, infos = self.transforms.finish(predicted, extras, [packed.sizes[i] for i in idx])
+                flat = torch.cat([m.reshape(-1) for m in maps]).cpu().numpy()  # one transfer back per batch
+                cuts = np.cumsum([m.numel() for m in maps])[:-1]
+                answer.append((idx, [f.reshape(tuple(m.shape)) for f, m in zip(np.split(flat, cuts), maps,
+                                                                                strict=True)], infos, None))
+        return answer
 
 
 class OracleTeacher:
@@ -226,8 +353,9 @@ class OracleTeacher:
         raise TypeError("the oracle teacher sees true depth, not images: call predict_from_depth(depth_m, rng)")
 
     def info(self) -> dict:
-        return {"model": ORACLE, "revision": None, "dtype": "float32", "device": "cpu",
-                "output": "relative_disparity"}
+        return {"model": ORACLE, "revision": None, "dtype": "float32", "device": "cpu", "output": "disparity",
+                "output_source": "oracle", "model_type": ORACLE, "ceiling_m": None,
+                "license": teacher_profile(ORACLE)["license"]}
 
 
 def make_teacher(spec: str = DEFAULT_TEACHER, **kw) -> DepthTeacher | OracleTeacher:
@@ -237,34 +365,13 @@ def make_teacher(spec: str = DEFAULT_TEACHER, **kw) -> DepthTeacher | OracleTeac
     return DepthTeacher(spec, **kw)
 
 
-def save_random_teacher(path: str | Path, seed: int = 0) -> str:
-    """Save a tiny, randomly initialised Depth Anything (Dinov2 backbone, V2-style processor at 56 px).
+def save_random_teacher(path: str | Path, seed: int = 0, arch: str = "depth_anything") -> str:
+    """Save a tiny, randomly initialised depth model (default: Depth Anything V2 with a 56 px processor).
 
     For tests, benchmarks and offline dry runs of the real loading path: `DepthTeacher(path)` loads it
-    exactly as it loads downloaded weights. Its maps mean nothing, but they vary across the image (the
-    Hugging Face initialisation gives a tiny net a flat map, so the layers are re-initialised).
+    exactly as it loads downloaded weights. `arch`: any key of datagen.tiny_teachers.ARCHS
+    (depth_anything, depth_anything_metric, prompt_depth_anything, dpt, zoedepth, depth_pro, glpn).
     """
-    import torch
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    from datagen.tiny_teachers import save
 
-    torch.manual_seed(seed)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
-    model = DepthAnythingForDepthEstimation(config).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d):
-                m.reset_parameters()
-        model.head.conv3.weight.mul_(10.0)
-        model.head.conv3.bias.fill_(2.0)
-    # what Depth-Anything-V2-*-hf ship, with a 56 px target instead of 518 to stay fast
-    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                                     resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=False)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    return save(path, arch=arch, seed=seed)

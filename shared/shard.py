@@ -3,7 +3,7 @@
 Members of a sample, all under one key:
 
     rgb.jpg | rgb.png   uint8 RGB
-    teacher.png         relative disparity, 16-bit, scaled to 1..65535 (scaling in meta), 0 = invalid
+    teacher.png         the teacher's map (kind in meta teacher.output), 16-bit, scaled to 1..65535, 0 = invalid
     depth.png           dense pseudo depth (pre-training target), depth PNG (m x 256)
     sparse.png          LiDAR input, simulated or real, depth PNG
     gt.png              ground truth (labelled sources only), depth PNG
@@ -75,7 +75,7 @@ class Sample:
     key: str
     rgb: np.ndarray
     K: np.ndarray
-    teacher: np.ndarray | None = None  # relative disparity
+    teacher: np.ndarray | None = None  # the teacher's map: relative disparity, relative depth or metres
     depth: np.ndarray | None = None  # dense pseudo depth, metres
     sparse: np.ndarray | None = None  # LiDAR, metres
     gt: np.ndarray | None = None  # ground truth, metres

@@ -203,6 +203,60 @@ def test_nyu_labelled(tmp_path, tiny_da):
         np.testing.assert_array_equal(smp.sparse[on], smp.gt[on])  # sparse points are sampled from GT
 
 
+def test_metric_teachers_through_ray(tmp_path, caplog):
+    """A metric Depth Anything and Depth Pro (tiny, random) as teachers in real runs: the kind is recorded in
+    job.json and meta.json, depth.png is the teacher's own metric map, the licence is said once at the start."""
+    import logging
+
+    make_folder(tmp_path / "tree")
+    items = get_source("folder", tmp_path / "tree").items()[:3]
+    for arch in ("depth_anything_metric", "depth_pro"):
+        teacher = save_random_teacher(tmp_path / arch, arch=arch)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="datagen"):
+            s = run(RunConfig(source="folder", root=str(tmp_path / "tree"), out=str(tmp_path / arch / "out"),
+                              teacher=teacher, limit=3, shard_size=3, workers=1, teacher_batch=2, progress="none"))
+        assert (s.done, s.failed) == (3, 0)
+        assert sum("licence" in r.getMessage() for r in caplog.records) == 1
+        out = tmp_path / arch / "out" / "folder"
+        job = json.loads((out / "job.json").read_text())
+        assert job["teacher_output"] == "metric" and job["metric_scale_jitter"] == 0.0
+        assert job["teacher_about"]["output_source"] == "config" and job["teacher_about"]["license"]["license"]
+        _, _, samples = check_outputs(out, items)
+        for smp in samples.values():
+            assert smp.meta["teacher"]["output"] == "metric"
+            on = smp.depth > 0
+            assert on.mean() > 0.5  # no near/far draw: the teacher's metres, to the depth PNG's 1/256 m
+            span = float(smp.meta["teacher_scaling"]["max"] - smp.meta["teacher_scaling"]["min"])
+            assert np.abs(smp.depth[on] - smp.teacher[on]).max() <= 0.5 / 256 + span / 65534 + 1e-5
+            assert (arch == "depth_pro") == ("fov_deg" in smp.meta["teacher"])
+    # the same folder with another kind of teacher is another job
+    with pytest.raises(PipelineError, match="teacher_output: 'metric' before, 'disparity' now"):
+        run(RunConfig(source="folder", root=str(tmp_path / "tree"), out=str(tmp_path / "depth_pro" / "out"),
+                      teacher=save_random_teacher(tmp_path / "rel"), limit=3, shard_size=3, progress="none"))
+
+
+def test_job_file_from_before_teacher_kinds_still_resumes(tmp_path):
+    """A job.json written before teacher_output existed meant a disparity teacher: it resumes as one, and a
+    metric teacher in that folder is refused. teacher_about (licence, ...) is written but never compared."""
+    from dataclasses import replace
+
+    from datagen.pipeline import FINGERPRINT_DEFAULTS, _check_job_file, _fingerprint
+
+    cfg = RunConfig(source="folder", root="/x", teacher="/m")
+    now = _fingerprint(cfg, "/m", "disparity")
+    old = {k: v for k, v in now.items() if k not in FINGERPRINT_DEFAULTS}
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "mit"}}})
+    written = json.loads((tmp_path / "job.json").read_text())
+    assert written["teacher_output"] == "disparity" and written["teacher_about"]["license"]["license"] == "mit"
+    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "another card"}}})
+    with pytest.raises(PipelineError, match="teacher_output: 'disparity' before, 'metric' now"):
+        _check_job_file(tmp_path, _fingerprint(cfg, "/m", "metric"))
+    with pytest.raises(PipelineError, match="metric_scale_jitter"):
+        _check_job_file(tmp_path, _fingerprint(replace(cfg, metric_scale_jitter=0.2), "/m", "disparity"))
+
+
 def test_cli(tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"

@@ -92,15 +92,17 @@ def test_equals_transformers_pipeline(tiny_da, teacher, images):
 
 
 def test_processor_is_v2_like(teacher, images):
-    # the net really ran at a multiple-of-14 size with the aspect ratio kept, then came back to the image
-    px = teacher.processor(images=[images[3]], return_tensors=None, input_data_format="channels_last")
-    assert tuple(px["pixel_values"][0].shape) == (3, 14, 56)  # 30x90 -> 56 px wide, 18.7 -> 14 rows
+    # the net really runs at a multiple-of-14 size with the aspect ratio kept, then comes back to the image
+    assert teacher.transforms.input_size(30, 90) == (14, 56)  # 30x90 -> 56 px wide, 18.7 -> 14 rows
+    assert teacher.transforms.resize(images[3]).shape == (3, 14, 56)
 
 
 def test_info(teacher, tiny_da):
     info = teacher.info()
     assert info["model"] == str(tiny_da.resolve())
     assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert (info["output"], info["output_source"], info["model_type"]) == ("disparity", "config", "depth_anything")
+    assert info["license"]["license"] == "unknown"  # a folder without a model card, not a known hub id
     assert teacher.model_id == info["model"] and teacher.revision == info["revision"]
 
 
