@@ -28,8 +28,10 @@ Batch (a dict; maps are B x 1 x H x W float32 with 0 = no value):
     rgb        B x 3 x H x W float32, normalised as BP-Net expects (trainer.model.normalize_rgb)
     rgb_raw    B x 3 x H x W uint8 (after jitter), for previews
     sparse     LiDAR input, metres          depth    dense pseudo depth (pre-training target), metres
-    gt         ground truth, metres         teacher  relative disparity of the monocular teacher
+    gt         ground truth, metres         teacher  the monocular teacher's map, to fit (see teacher_map)
     has_sparse, has_depth, has_gt, has_teacher   B bool: whether the shard had the member (else zeros)
+    teacher_space  list of B: "disparity" (teacher is a disparity: relative, or 1/m of a metric teacher)
+               or "depth" (a relative-depth teacher, affine in depth)
     valid      B x 1 x H x W bool: image content, False on padding
     K          B x 3 x 3 float32, intrinsics of this very frame (crop and flip applied)
     box        B x 4 int64 (top, left, height, width): where the content sits in the original image;
@@ -115,8 +117,30 @@ def _key_hash(key: str) -> int:
 # per-sample transforms (numpy in, numpy out)
 
 
+TEACHER_OUTPUTS = ("disparity", "depth", "metric")  # what datagen records in meta.teacher.output
+
+
+def teacher_map(sample: Sample) -> tuple[np.ndarray | None, str]:
+    """The teacher's map as the distillation terms fit it, and the space it is affine in.
+
+    datagen records the teacher's kind in meta.json (teacher.output; shards from before say nothing and
+    hold disparity): a relative disparity is used as it is ("disparity"); a metric depth map becomes
+    its exact disparity 1 / depth in 1/m ("disparity": the fit then finds s ~ 1, b ~ 0); a relative
+    depth map is affine in depth and stays depth ("depth")."""
+    teacher = sample.teacher
+    kind = ((sample.meta or {}).get("teacher") or {}).get("output") or "disparity"
+    if kind not in TEACHER_OUTPUTS:
+        raise ValueError(f"{sample.key}: meta teacher.output {kind!r} is none of {TEACHER_OUTPUTS}")
+    if kind == "metric" and teacher is not None:
+        ok = np.isfinite(teacher) & (teacher > 0)
+        teacher = np.where(ok, 1.0 / np.where(ok, teacher, 1.0), 0.0).astype(np.float32)
+    return teacher, "depth" if kind == "depth" else "disparity"
+
+
 def _maps_of(sample: Sample) -> dict[str, np.ndarray | None]:
-    return {name: getattr(sample, name) for name in MAPS}
+    maps = {name: getattr(sample, name) for name in MAPS}
+    maps["teacher"] = teacher_map(sample)[0]
+    return maps
 
 
 def _place(arr: np.ndarray, top: int, left: int, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
@@ -138,7 +162,8 @@ def frame_sample(sample: Sample, out_hw: tuple[int, int], top: int, left: int) -
         out[name] = np.zeros((oh, ow), np.float32) if arr is None else _place(arr, top, left, h, w, oh, ow)
     valid = np.zeros((oh, ow), bool)
     valid[:h, :w] = True
-    out.update(valid=valid, box=np.array([top, left, h, w], np.int64), full_hw=np.array([H, W], np.int64))
+    out.update(valid=valid, box=np.array([top, left, h, w], np.int64), full_hw=np.array([H, W], np.int64),
+               teacher_space=teacher_map(sample)[1])
     return out
 
 
@@ -219,6 +244,7 @@ def bpnet_nyu_frame(sample: Sample) -> dict:
         out["has_" + name] = name in maps
         out[name] = np.pad(maps[name], ((pt, pt), (pl, pl))) if name in maps else np.zeros((oh, ow), np.float32)
     out["valid"] = np.pad(np.ones((ch, cw), bool), ((pt, pt), (pl, pl)))
+    out["teacher_space"] = "disparity"  # no teacher in this frame
     return out
 
 
@@ -268,7 +294,8 @@ def collate(frames: list[dict], keys: list[str]) -> dict:
              "valid": stack("valid").unsqueeze(1),
              "K": torch.from_numpy(np.stack([f["K"] for f in frames]).astype(np.float32)),
              "box": torch.from_numpy(np.stack([f["box"] for f in frames])),
-             "full_hw": torch.from_numpy(np.stack([f["full_hw"] for f in frames]))}
+             "full_hw": torch.from_numpy(np.stack([f["full_hw"] for f in frames])),
+             "teacher_space": [f["teacher_space"] for f in frames]}
     for name in MAPS:
         batch[name] = stack(name).unsqueeze(1)
         batch["has_" + name] = torch.tensor([f["has_" + name] for f in frames])

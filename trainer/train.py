@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -168,7 +169,15 @@ def compute_loss(cfg: TrainConfig, preds: list[torch.Tensor], batch: dict) -> tu
     if cfg.stage == "pretrain":
         loss = pretrain_loss(preds, batch["depth"], batch["depth"] > 0)
         return loss, {"loss": loss}
-    if cfg.space == "depth":  # a depth-like teacher: the shards' dense pseudo depth
+    loss_cfg = distill_config(cfg)
+    spaces = set(batch.get("teacher_space") or ["disparity"])
+    if len(spaces) > 1:
+        raise ValueError("this batch mixes teachers affine in disparity and in depth (meta teacher.output); "
+                         "fine-tune on shards of one teacher kind at a time")
+    if cfg.space == "disparity" and spaces == {"depth"}:  # a relative-depth teacher is fitted in depth
+        batch = {**batch, "teacher_depth": batch["teacher"]}
+        loss_cfg = dataclasses.replace(loss_cfg, space="depth")
+    elif cfg.space == "depth":  # a depth-like teacher: the shards' dense pseudo depth
         missing = [k for k, has in zip(batch["key"], batch["has_depth"].tolist(), strict=True) if not has]
         if missing:
             raise ValueError(
@@ -177,7 +186,7 @@ def compute_loss(cfg: TrainConfig, preds: list[torch.Tensor], batch: dict) -> tu
                 "shards (kitti, nyu, synthetic --labelled) hold the teacher's disparity (teacher.png) only: "
                 "use --space disparity (the default), which fits in disparity and penalises in metres.")
         batch = {**batch, "teacher_depth": batch["depth"]}
-    total, parts = distill_loss(preds, batch, distill_config(cfg), pulls=cfg.log_pulls)
+    total, parts = distill_loss(preds, batch, loss_cfg, pulls=cfg.log_pulls)
     return total, {"loss": total, **{k: v for k, v in parts.items() if k != "total"}}
 
 

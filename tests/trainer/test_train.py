@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_shards
@@ -87,3 +88,39 @@ def test_weight_decay_skips_1d_parameters_and_ema_averages():
         net[0].weight.add_(1.0)
     ema.update(net)
     torch.testing.assert_close(ema.module[0].weight, w0 + 0.5)
+
+
+def test_the_teacher_is_fitted_in_the_space_its_kind_is_affine_in():
+    """datagen records the teacher's kind (meta teacher.output): a relative disparity and a metric map
+    (as 1/m) are fitted in disparity, a relative-depth map in depth; a prediction that is an exact affine
+    image of the teacher in its own space leaves L_SSI at 0."""
+    from shared.shard import Sample
+    from trainer.data import teacher_map
+
+    depth = np.linspace(2.0, 30.0, 8 * 8, dtype=np.float32).reshape(8, 8)
+
+    def sample(kind, teacher):
+        meta = {"teacher": {"output": kind}} if kind else {}
+        return Sample(key="k", rgb=np.zeros((8, 8, 3), np.uint8), K=np.eye(3), teacher=teacher, meta=meta)
+
+    t, space = teacher_map(sample("metric", depth))
+    np.testing.assert_allclose(t, 1.0 / depth, rtol=1e-6)
+    assert space == "disparity"
+    assert teacher_map(sample(None, 1.0 / depth))[1] == "disparity"  # shards from before: disparity
+    rel_depth = 0.3 * depth + 2.0
+    t, space = teacher_map(sample("depth", rel_depth))
+    assert space == "depth" and t is rel_depth
+    with pytest.raises(ValueError, match="teacher.output"):
+        teacher_map(sample("normals", depth))
+
+    b = 2
+    pred = torch.from_numpy(depth).expand(b, 1, 8, 8).clone()
+    batch = {"key": ["a", "b"], "gt": torch.zeros(b, 1, 8, 8), "has_depth": torch.tensor([False, False]),
+             "teacher": torch.from_numpy(rel_depth).expand(b, 1, 8, 8).clone(), "teacher_space": ["depth"] * b}
+    cfg = TrainConfig(stage="finetune")
+    _, parts = compute_loss(cfg, [pred] * 6, batch)
+    assert parts["ssi"] < 1e-4  # fitted in depth: exact
+    _, parts_as_disp = compute_loss(cfg, [pred] * 6, {**batch, "teacher_space": ["disparity"] * b})
+    assert parts_as_disp["ssi"] > 0.1  # read as a disparity, the same map would be wrong
+    with pytest.raises(ValueError, match="mixes"):
+        compute_loss(cfg, [pred] * 6, {**batch, "teacher_space": ["depth", "disparity"]})
