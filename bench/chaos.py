@@ -201,9 +201,9 @@ def scenario_ray_worker_kill(tmp: Path, rng: np.random.Generator, kills: int = 2
 
 TRAIN_CHILD = r"""
 import json, os, sys, time
-from trainer import checkpoint as ckpt
+from shared import fsutil
 from trainer.train import TrainConfig, train
-real, prefix, nth = ckpt._write_all, sys.argv[2], int(sys.argv[3])
+real, prefix, nth = fsutil._write_all, sys.argv[2], int(sys.argv[3])
 seen = [0]
 def half_then_wait(f, data, chunk=1 << 22):
     hit = os.path.basename(f.name).startswith(prefix)
@@ -215,7 +215,7 @@ def half_then_wait(f, data, chunk=1 << 22):
         time.sleep(600)
     real(f, data, chunk)
 if prefix:
-    ckpt._write_all = half_then_wait
+    fsutil._write_all = half_then_wait
 train(TrainConfig(**json.loads(sys.argv[1])))
 """
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.shard import TMP_MARK, Sample, encode_sample
+from shared.fsutil import TMP_MARK, atomic_write_bytes
+from shared.shard import Sample, encode_sample
 
 log = logging.getLogger("datagen")
 
@@ -243,15 +244,6 @@ def build_sample(record, disparity: np.ndarray, cfg: dict, seed: int, rngs: dict
 
 def shard_name(source: str, index: int) -> str:
     return f"{source}-{index:06d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_sidecar(out_dir: Path, name: str) -> dict | None:

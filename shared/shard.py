@@ -39,13 +39,12 @@ from shared.depth import (
     encode_disparity_png,
     encode_rgb,
 )
-from shared.fsutil import fsync_dir
+from shared.fsutil import TMP_MARK, fsync_dir, temporary_path
 
 SCHEMA_VERSION = 1
 DEPTH_MEMBERS = ("depth", "sparse", "gt")
 KNOWN_MEMBERS = ("rgb.jpg", "rgb.png", "teacher.png", "depth.png", "sparse.png", "gt.png", "meta.json")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-TMP_MARK = ".tmp-"
 
 
 class ShardError(ValueError):
@@ -194,7 +193,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, rgb_format: str = "jpg", jpeg_quality: int = 95):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f"{self.path.name}{TMP_MARK}{os.getpid()}")
+        self.tmp_path = temporary_path(self.path)
         self.rgb_format, self.jpeg_quality = rgb_format, jpeg_quality
         self.count = 0
         self._keys: set[str] = set()

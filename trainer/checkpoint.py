@@ -25,35 +25,11 @@ from pathlib import Path
 
 import torch
 
-from shared.fsutil import fsync_dir
+from shared.fsutil import atomic_write_bytes
 
 FORMAT = "dmd3c-trainer-v1"
 EXPORT_FORMAT = "dmd3c-export-v1"
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to <path>.tmp-<pid>, flush to disk, rename over path, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def _write_all(f, data: bytes, chunk: int = 1 << 22) -> None:
-    # in chunks, so that a test can interrupt a write half-way (and big files do not need one syscall)
-    view = memoryview(data)
-    for i in range(0, len(view), chunk):
-        f.write(view[i:i + chunk])
 
 
 def ckpt_name(step: int) -> str:
