@@ -278,10 +278,12 @@ def datagen_cli() -> list[str]:
 # part 1: the teacher
 
 
-def preprocess(processor, images) -> None:
-    """What DepthTeacher.predict does to each image before the model (resize, normalise, on the CPU)."""
-    for im in images:
-        processor(images=[im], return_tensors=None, input_data_format="channels_last")
+def preprocess(teacher, images) -> None:
+    """What a shard task does to each image before the teacher's model process sees it (resize on the CPU,
+    normalise too when the replica is on the CPU): datagen.teacher.TeacherFeed.pack."""
+    from datagen.teacher import TeacherFeed
+
+    TeacherFeed(teacher.info(), len(images)).pack(images)
 
 
 def forwards(model, x, n: int) -> None:
@@ -323,7 +325,7 @@ def part_teacher(rows: Rows, s: Sizes, work: Path) -> None:
                 teacher.predict(images[:b])  # warm-up: allocator, kernel choice
                 reset_peak(dev)
                 outputs[dtype], t = timed(dev, teacher.predict, images)
-                _, t_pre = timed("cpu", preprocess, teacher.processor, images)  # warm, like predict's
+                _, t_pre = timed("cpu", preprocess, teacher, images)  # the shard task's share
                 x = torch.randn(b, 3, s.teacher_px, s.teacher_px, device=dev, dtype=teacher.dtype)
                 reps = max(1, 8 // b)
                 forwards(teacher.model, x, 1)

@@ -91,6 +91,7 @@ PRESETS = {
 
 VARIANTS = [
     ("nearest", "sparse input densified by nearest-neighbour interpolation (no learning)"),
+    ("teacher", "the teacher's map, scale and shift fitted in disparity to the LiDAR points (no learning)"),
     ("finetune_only", "fine-tuning only, L_sup + L_SSI + L_reg (no pre-training)"),
     ("pretrain_only", "pre-training only (zero-shot)"),
     ("pretrain_sup", "pre-training, then fine-tuning with L_sup only"),
@@ -204,6 +205,24 @@ def nearest_fill(sparse: np.ndarray) -> np.ndarray:
     return sparse[iy, ix]
 
 
+def teacher_fit(teacher: np.ndarray | None, sparse: np.ndarray, max_depth_m: float = 120.0) -> np.ndarray:
+    """The teacher made metric by the LiDAR alone: s, b fitted by least squares so that s t + b matches
+    1 / depth at the LiDAR points, depth = 1 / (s t + b) where that lies in 0.1 m .. max_depth_m; the
+    nearest LiDAR point elsewhere (the teacher's sky, a failed fit). What distillation could give at most
+    without learning, and an honest baseline for it."""
+    fill = nearest_fill(sparse)
+    if teacher is None:
+        return fill
+    pts = (sparse > 0) & (teacher > 0)
+    if pts.sum() < 2:
+        return fill
+    A = np.stack([teacher[pts], np.ones(pts.sum())], 1).astype(np.float64)
+    (a, b), *_ = np.linalg.lstsq(A, 1.0 / sparse[pts].astype(np.float64), rcond=None)
+    disp = a * teacher.astype(np.float64) + b
+    ok = (teacher > 0) & (disp >= 1.0 / max_depth_m) & (disp <= 10.0)
+    return np.where(ok, 1.0 / np.where(ok, disp, 1.0), fill).astype(np.float32)
+
+
 def region_errors(pred: np.ndarray, gt: np.ndarray, region: np.ndarray) -> dict | None:
     m = (gt > 0) & region
     if not m.any():
@@ -230,7 +249,8 @@ def target_density(eval_dir: Path) -> float:
 def score(preds: dict[str, list[Path]], eval_dir: Path, top_rows: int, out: Path, n_previews: int) -> dict:
     """Per-scene errors: {variant: {region: {metric: array (seeds x scenes)}}}, scenes in shard order.
 
-    preds maps each learned variant to one prediction folder per seed; "nearest" is computed here. The
+    preds maps each learned variant to one prediction folder per seed; "nearest" and "teacher" (see
+    teacher_fit) are computed here. The
     no-label region is the top `top_rows` rows. Writes previews of the first n_previews scenes.
     """
     errs = {v: {r: {m: [] for m in METRICS} for r in REGIONS} for v, _ in VARIANTS}
@@ -238,7 +258,7 @@ def score(preds: dict[str, list[Path]], eval_dir: Path, top_rows: int, out: Path
     for s in iter_samples(eval_dir):
         region = np.zeros_like(s.gt, dtype=bool)
         region[:top_rows] = True
-        maps = {"nearest": [nearest_fill(s.sparse)]}
+        maps = {"nearest": [nearest_fill(s.sparse)], "teacher": [teacher_fit(s.teacher, s.sparse)]}
         for v, dirs in preds.items():
             maps[v] = [decode_depth_png((d / f"{s.key}.png").read_bytes()) for d in dirs]
         for v, per_seed in maps.items():

@@ -297,10 +297,10 @@ def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
     assert metas["default"]["hidden_geometry"] is True and metas["off"]["hidden_geometry"] is False  # kitti: on
     assert get_sensor(metas["default"]["sensor"]) == get_sensor("ideal")
     assert get_sensor(metas["real"]["sensor"]) == get_sensor("realistic")
-    fp = _fingerprint(RunConfig(**SYN), "oracle")
+    fp = _fingerprint(RunConfig(**SYN), "oracle", "disparity")
     assert fp["hidden_geometry"] is None and fp["sensor"] == "ideal"
-    assert _fingerprint(RunConfig(**SYN, hidden_geometry=False), "oracle") != fp
-    assert _fingerprint(RunConfig(**SYN, sensor="realistic"), "oracle") != fp
+    assert _fingerprint(RunConfig(**SYN, hidden_geometry=False), "oracle", "disparity") != fp
+    assert _fingerprint(RunConfig(**SYN, sensor="realistic"), "oracle", "disparity") != fp
     with pytest.raises(ConfigError, match="sensor"):
         prepare(RunConfig(**SYN, sensor="realistic:bogus=1"))
     with pytest.raises(ConfigError, match="grid"):

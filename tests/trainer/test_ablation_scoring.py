@@ -39,6 +39,19 @@ def test_nearest_fill_takes_the_nearest_point(ablation):
     assert not ablation.nearest_fill(np.zeros((3, 4), np.float32)).any()
 
 
+def test_teacher_fit_recovers_an_affine_teacher_from_the_lidar(ablation):
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(3.0, 60.0, (12, 16)).astype(np.float32)
+    teacher = (0.2 / depth + 0.01).astype(np.float32)  # an exact disparity teacher, unknown scale and shift
+    teacher[:2] = 0  # its sky: no surface there
+    sparse = np.where(rng.random(depth.shape) < 0.1, depth, 0).astype(np.float32)
+    sparse[:2] = 0
+    got = ablation.teacher_fit(teacher, sparse)
+    np.testing.assert_allclose(got[2:], depth[2:], rtol=1e-4)
+    np.testing.assert_array_equal(got[:2], ablation.nearest_fill(sparse)[:2])  # the sky: nearest point
+    np.testing.assert_array_equal(ablation.teacher_fit(None, sparse), ablation.nearest_fill(sparse))
+
+
 def test_region_errors_by_hand(ablation):
     gt = np.array([[10.0, 0.0], [4.0, 6.0]], np.float32)
     pred = np.array([[12.0, 99.0], [0.0, 6.0]], np.float32)  # 0 counts as the 1/256 m floor
@@ -85,6 +98,7 @@ def test_score_and_summary_every_variant_overall_and_in_the_unlabelled_rows(abla
     res = ablation.summarize(errs, n_boot=200)
     m = {v: r["metrics"] for v, r in res.items()}
     assert m["full"]["overall"]["rmse_m"] == 0.0 and m["nearest"]["overall"]["mae_m"] == 0.0
+    assert m["teacher"]["overall"]["mae_m"] == 0.0  # no teacher map in these shards: the nearest fill
     assert m["finetune_only"]["overall"]["mae_m"] == pytest.approx(2.0)
     assert m["pretrain_only"]["no_label"]["mae_m"] == pytest.approx(1.0)
     assert m["pretrain_only"]["overall"]["mae_m"] == pytest.approx(top / h)
