@@ -82,7 +82,9 @@ def datagen_cmd(out: Path, n: int, shard: int, seed: int, size=(64, 48), workers
 
 def datagen_reference(out: Path, n: int, shard: int, seed: int, size=(64, 48)) -> Path:
     """The uninterrupted job, shard after shard in this process (the bytes do not depend on Ray)."""
-    from datagen.pipeline import RunConfig, process_shard, write_tables
+    from datagen.pipeline import process_shard
+    from datagen.settings import RunConfig
+    from datagen.shard_files import write_tables
     from datagen.sources import get_source
     from datagen.teacher import OracleTeacher
 
@@ -90,10 +92,7 @@ def datagen_reference(out: Path, n: int, shard: int, seed: int, size=(64, 48)) -
     job.mkdir(parents=True)
     opts = {"width": size[0], "height": size[1], "seed": seed}
     items = get_source("synthetic", None, count=n, **opts).items()
-    d = RunConfig()
-    cfg = {k: getattr(d, k) for k in ("intrinsics", "lidar", "mesh", "occlusion", "mount", "lidar_noise_m",
-                                      "lidar_dropout", "max_size", "rgb_format", "teacher_batch")}
-    cfg.update(source="synthetic", root=None, source_options=opts, seed=seed)
+    cfg = RunConfig(source="synthetic", source_options=opts, seed=seed)
     shards = [items[i:i + shard] for i in range(0, n, shard)]
     for i, chunk in enumerate(shards):
         process_shard(cfg, i, chunk, None, OracleTeacher().info(), str(job))

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def child(spec: str) -> None:
     """Run one job in this process and print its summary as JSON (the parent measures memory)."""
-    from datagen.pipeline import RunConfig, run
+    from datagen.pipeline import run
+    from datagen.settings import RunConfig
 
     summary = run(RunConfig(**json.loads(spec)))
     print("SUMMARY " + json.dumps({**asdict(summary), "images_per_s": summary.images_per_s}), flush=True)
@@ -92,16 +93,14 @@ def run_job(cfg: dict) -> dict:
 def plain_loop(n: int, size: tuple[int, int], shard_size: int, out: str, part: int = 0, parts: int = 1):
     """The naive reference: the oracle job's shards one after the other in this process (with parts > 1:
     every parts-th shard, from `part`). Returns (images, start, end) in wall-clock time, after a warm-up."""
-    from datagen.pipeline import RunConfig, process_shard
+    from datagen.pipeline import process_shard
+    from datagen.settings import RunConfig
     from datagen.sources import get_source
     from datagen.teacher import OracleTeacher
 
     opts = {"width": size[0], "height": size[1], "seed": 0}
     items = get_source("synthetic", None, count=n, **opts).items()
-    d = RunConfig()
-    cfg = {k: getattr(d, k) for k in ("intrinsics", "seed", "lidar", "mesh", "occlusion", "mount", "lidar_noise_m",
-                                      "lidar_dropout", "max_size", "rgb_format", "teacher_batch")}
-    cfg.update(source="synthetic", root=None, source_options=opts)
+    cfg = RunConfig(source="synthetic", source_options=opts)
     Path(out, "warm").mkdir(parents=True, exist_ok=True)
     process_shard(cfg, 10**6 + part, items[:1], None, OracleTeacher().info(), str(Path(out, "warm")))  # imports
     t0, done = time.time(), 0

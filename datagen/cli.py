@@ -110,8 +110,8 @@ def run(
     """Turn a data set into shards: teacher, pseudo depth, random K, simulated LiDAR. Resumable."""
     import logging
 
-    from datagen.pipeline import ConfigError, PipelineError, RunConfig
     from datagen.pipeline import run as run_job
+    from datagen.settings import ConfigError, PipelineError, RunConfig
     from datagen.sources.base import LayoutError
     from datagen.teacher import TeacherUnavailable
 
