@@ -58,7 +58,7 @@ from datagen.sensor import (
     rim_directions,
 )
 from shared import sparsity
-from shared.camera import as_K, project
+from shared.camera import as_K, project, rotation_from_rotvec
 
 # ----------------------------------------------------------------------------------------------------
 # Scan patterns
@@ -188,15 +188,7 @@ def random_pattern(rng: np.random.Generator) -> LidarPattern:
 
 def _parse_custom(body: str) -> LidarPattern:
     """'rings=32,vfov=10:-30,az=0.2' (uniform rings from top to bottom) or 'elev=2:0:-2.5,az=0.2'."""
-    kv = {}
-    for part in filter(None, body.split(",")):
-        if "=" not in part:
-            raise ValueError(f"custom lidar: expected key=value, got {part!r}")
-        k, v = part.split("=", 1)
-        kv[k.strip()] = v.strip()
-    unknown = set(kv) - {"rings", "vfov", "az", "elev"}
-    if unknown:
-        raise ValueError(f"custom lidar: unknown keys {sorted(unknown)} (use rings, vfov, az, elev)")
+    kv = _parse_kv(body, {"rings", "vfov", "az", "elev"}, "custom lidar")
     az = float(kv.get("az", 0.2))
     if "elev" in kv:
         elev = np.array([float(x) for x in kv["elev"].split(":")])
@@ -510,26 +502,11 @@ class Mount:
         self.R_cam_from_lidar = np.asarray(self.R_cam_from_lidar, dtype=np.float64).reshape(3, 3)
         self.t_cam_from_lidar = np.asarray(self.t_cam_from_lidar, dtype=np.float64).reshape(3)
 
-    @staticmethod
-    def identity() -> Mount:
-        return Mount()
-
     def to_dict(self) -> dict:
         return {"R_cam_from_lidar": self.R_cam_from_lidar.tolist(), "t_cam_from_lidar": self.t_cam_from_lidar.tolist()}
 
 
 KITTI_MOUNT = Mount(np.eye(3), np.array([0.06, -0.08, -0.27]))
-
-
-def rotation_from_rotvec(rotvec: np.ndarray) -> np.ndarray:
-    """Rodrigues: rotation matrix of an axis-angle vector (radians)."""
-    r = np.asarray(rotvec, dtype=np.float64)
-    theta = float(np.linalg.norm(r))
-    if theta < 1e-15:
-        return np.eye(3)
-    k = r / theta
-    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(theta) * Kx + (1 - math.cos(theta)) * Kx @ Kx
 
 
 def sample_mount(rng: np.random.Generator, max_rot_deg: float = 1.0, p_above: float = 0.8) -> Mount:
@@ -870,7 +847,7 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
     height, width = depth_m.shape
     pat = get_pattern(pattern, rng)
     if mount is None:
-        mnt = Mount.identity()
+        mnt = Mount()  # the LiDAR at the camera centre, axes aligned
     elif isinstance(mount, Mount):
         mnt = mount
     elif mount == "random":

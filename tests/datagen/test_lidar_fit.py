@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from datagen.lidar import LIDAR_PRESETS, Mount, get_pattern, rotation_from_rotvec, simulate_sparse_depth
+from datagen.lidar import LIDAR_PRESETS, Mount, get_pattern, simulate_sparse_depth
 from datagen.lidar_cli import lidar_app
 from datagen.lidar_fit import FLU_FROM_RDF, fit_pattern, read_intrinsics, read_pose
 from datagen.mesh import Mesh
-from shared.camera import make_K
+from shared.camera import make_K, rotation_from_rotvec
 from shared.depth import encode_depth_png
 
 FX = 721.5  # KITTI's focal length: elevations quantised to +-0.04 deg by the pixel grid
