@@ -8,6 +8,7 @@ is a `*.tmp-*` file, which readers ignore and the datagen job removes on resume.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """`obj` as indented JSON at `path` (its folder created), atomically: a report or summary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
 def _write_all(f, data: bytes, chunk: int = 1 << 22) -> None:

@@ -76,7 +76,7 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
     contradicting one)."""
     import trainer.model as tm
     from trainer.checkpoint import export_weights, read_checkpoint, resolve
-    from trainer.evaluate import evaluate, load_for_inference
+    from trainer.evaluate import InferenceOptions, evaluate, load_for_inference
     from trainer.train import TrainConfig, train
 
     write_shards(tmp_path / "s", 1, 4)
@@ -101,7 +101,8 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
     for src in (ckpt, export):
         assert load_for_inference(str(src), device="cpu")[1]["convention"] == "nyu"
     with pytest.raises(ValueError, match="'nyu' input convention"):
-        evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", convention="kitti", device="cpu")
-    assert evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", device="cpu")["convention"] == "nyu"
+        evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", opts=InferenceOptions(convention="kitti", device="cpu"))
+    assert evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu",
+                    opts=InferenceOptions(device="cpu"))["convention"] == "nyu"
     # a new network, or an original .pth without --convention, is a KITTI-convention one
     assert load_for_inference(str(pth), "tiny", device="cpu")[1]["convention"] == "kitti"
