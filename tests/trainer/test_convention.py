@@ -75,6 +75,7 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
     training too, the checkpoints record "nyu", and eval/predict then need no --convention (and refuse a
     contradicting one)."""
     import trainer.model as tm
+    import trainer.train as tt
     from trainer.checkpoint import export_weights, read_checkpoint, resolve
     from trainer.evaluate import InferenceOptions, evaluate, load_for_inference
     from trainer.train import TrainConfig, train
@@ -89,7 +90,7 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
         seen.append(convention)
         return real(rgb_raw, sparse, convention)
 
-    monkeypatch.setattr(tm, "network_inputs", spy)
+    monkeypatch.setattr(tt, "network_inputs", spy)  # the name the training loop calls
     cfg = TrainConfig(stage="finetune", shards=str(tmp_path / "s"), out=str(tmp_path / "ft"), init=str(pth),
                       model="tiny", convention="nyu", steps=2, batch_size=2, crop="64x96", workers=0,
                       log_every=1, ckpt_every=10_000, progress=False)
