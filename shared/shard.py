@@ -1,4 +1,4 @@
-"""The shard format, version 1: one WebDataset tar per N samples (see DESIGN.md and shards/README.md).
+"""The shard format, version 1: one WebDataset tar per N samples (described for users in shards/README.md).
 
 Members of a sample, all under one key:
 
