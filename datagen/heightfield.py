@@ -30,11 +30,11 @@ Agreement with Open3D on the same mesh (tests/datagen/test_heightfield.py): hit 
 within float rounding of a triangle edge, where either answer is right (none in 320,000 random rays).
 
 Compiled with numba because the walk stops at the first hit, which vectorised numpy cannot: a numpy
-form would test every block of every clipped segment (3.2 million for hdl64 at 640 x 480; its
-triangle tests alone took 3.2 s against 12.5 ms for this whole cast). With cache=True the first call
-in a fresh process without a cache compiles for about 2.5 s on one core; later processes load the
-cached machine code from __pycache__ (or NUMBA_CACHE_DIR) in about 0.2 s. The pipeline's warm-up
-task (datagen.pipeline.warm_up) makes that call while the teacher loads.
+form would test every block of every clipped segment (millions for hdl64 at 640 x 480). With
+cache=True the first call in a fresh process without a cache compiles the functions; later processes
+load the cached machine code from __pycache__ (or NUMBA_CACHE_DIR). The pipeline's warm-up task
+(datagen.pipeline.warm_up) makes that call while the teacher loads. Measured times of both:
+docs/own_sensor.md, "Ray casting: a height-field walk".
 """
 
 from __future__ import annotations

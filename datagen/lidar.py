@@ -18,8 +18,7 @@ the pixel grid (datagen.heightfield), exact for that mesh and with no BVH to bui
 (Poisson, the synthetic world's exact geometry) goes to Open3D's RaycastingScene, as below.
 
 Speed of the Open3D path: the cost of Open3D's RaycastingScene is its BVH build, linear in the
-triangles (~0.3 s for the 612k triangles of a 640 x 480 grid mesh on one core), while the rays are
-cheap. A spinning pattern hits
+triangles (docs/own_sensor.md has the times), while the rays are cheap. A spinning pattern hits
 only triangles whose angular extent, seen from the sensor, contains one of its ring elevations and one
 of its azimuth samples, so `simulate_scan` builds the BVH over those alone (`cull=True`). The test is
 exact for azimuth (the azimuths of a triangle's points lie between its vertices' azimuths) and for

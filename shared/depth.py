@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 DEPTH_SCALE = 256.0
 MAX_DEPTH_M = 65535 / DEPTH_SCALE
-PNG_COMPRESS_LEVEL = 3  # zlib level: 6 (PIL's default) costs ~2x the time for ~5% smaller files
+PNG_COMPRESS_LEVEL = 3  # zlib level: faster than PIL's default 6 (docs/pipeline.md, "Speed and memory")
 
 
 class CodecError(ValueError):
