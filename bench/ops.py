@@ -17,6 +17,7 @@ Prints a Markdown table:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -182,8 +183,6 @@ def main():
         print(f"| {what} | {size} | {t:.4f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
     print("\nratio: 4-NN rows vs the KD-tree; local_conv rows vs the naive autograd loop; forward rows vs the first preset.")
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "repeats": args.repeats, "rows": [{"what": w, "size": sz, "seconds": t, "ratio": r}

@@ -38,6 +38,7 @@ from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, Mount, sample_mount  # noq
 from datagen.mesh import poisson_mesh  # noqa: E402
 from datagen.sources.synthetic import DEFAULT_SIZE  # noqa: E402
 from datagen.synthetic import render_scene  # noqa: E402
+from shared.camera import project  # noqa: E402
 
 PATHS = ("grid", "grid + hidden", "poisson")
 MOUNTS = ("none", "kitti", "random")
@@ -116,8 +117,6 @@ def figure(keeps: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from shared.camera import project
 
     def points(k, r):
         rays = k["rays"]

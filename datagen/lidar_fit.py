@@ -39,6 +39,7 @@ import numpy as np
 
 from datagen.lidar import LidarPattern, density_pattern
 from shared.camera import as_K, backproject
+from shared.depth import decode_depth_png
 
 # ----------------------------------------------------------------------------------------------------
 # Angles of the scans' points, seen from the LiDAR
@@ -355,8 +356,6 @@ def read_pose(path: str | os.PathLike, lidar_frame: str = "flu") -> np.ndarray:
 
 def read_sparse_dir(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[Path, np.ndarray]]:
     """KITTI-style uint16 depth PNGs under folder (sorted; searched recursively if none at the top)."""
-    from shared.depth import decode_depth_png
-
     root = Path(folder)
     files = sorted(root.glob("*.png")) or sorted(root.rglob("*.png"))
     if not files:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from datagen.mesh import Mesh
-from datagen.oracle import oracle_teacher  # noqa: F401  (the world's teacher: datagen.teacher.OracleTeacher calls it)
 from shared.camera import as_K, make_K, rotation_from_rotvec
 
 FAMILIES = ("street", "room", "nature", "tabletop")

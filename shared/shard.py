@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
 
 from shared.camera import as_K
 from shared.depth import (
@@ -264,9 +265,7 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
         return [u for s in spec for u in list_shards(s)]
     s = str(spec)
     if re.match(r"^[a-z0-9+]+:", s) and not os.path.exists(s):
-        import braceexpand
-
-        return list(braceexpand.braceexpand(s))
+        return list(braceexpand(s))
     p = Path(s)
     if p.is_dir():
         found = sorted(str(f) for f in p.rglob("*.tar") if TMP_MARK not in f.name)
@@ -276,9 +275,7 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     if p.is_file():
         return [s]
     if "{" in s:
-        import braceexpand
-
-        out = list(braceexpand.braceexpand(s))
+        out = list(braceexpand(s))
         missing = [u for u in out if not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"shard pattern {s}: {len(missing)} files missing, e.g. {missing[0]}")
@@ -339,7 +336,7 @@ def iter_samples(spec, strict: bool = True, stats: ReadStats | None = None) -> I
     strict=True raises ShardError at the first bad sample or tar (naming shard and key);
     strict=False skips it and counts it in `stats`.
     """
-    import webdataset as wds
+    import webdataset as wds  # lazy: it imports torch, which shared (and datagen's workers) never need
 
     stats = stats if stats is not None else ReadStats()
     handler = make_error_handler(strict, stats)

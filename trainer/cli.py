@@ -21,6 +21,7 @@ import typer
 
 from shared.fsutil import write_json
 from shared.sparsity import parse_protocol
+from trainer.metrics import format_table, score_dirs  # numpy only: `trainer score` needs no torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="BP-Net depth completion: pre-train on generated shards, fine-tune with SSI "
@@ -145,7 +146,6 @@ def eval_cmd(
 ):
     """Metrics table of a checkpoint on shards (stdout) and JSON."""
     from trainer.evaluate import evaluate
-    from trainer.metrics import format_table
 
     _setup_logging()
     if sweep and sparsity != "full":
@@ -195,8 +195,6 @@ def score_cmd(
     json_path: str = typer.Option(None, "--json"),
 ):
     """Score any method's prediction PNGs against GT PNGs (what the KITTI devkit does)."""
-    from trainer.metrics import format_table, score_dirs
-
     result = score_dirs(pred, gt, kind)
     if json_path:
         write_json(json_path, result)
