@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 
 from datagen.heightfield import grid_surface  # noqa: E402
 from datagen.hidden import hidden_layer  # noqa: E402
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
+from datagen.lidar import KITTI_MOUNT, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
+from datagen.lidar_patterns import LIDAR_PRESETS  # noqa: E402
 from datagen.mesh import grid_mesh, poisson_mesh  # noqa: E402
 from datagen.synthetic import default_K, render_scene  # noqa: E402
 from shared.camera import make_K  # noqa: E402

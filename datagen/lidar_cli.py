@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from datagen.lidar import _azimuth_deg, _elevation_deg, get_pattern, save_pattern, simulate_sparse_depth
+from datagen.lidar import simulate_sparse_depth
 from datagen.lidar_fit import fit_pattern, format_report, read_intrinsics, read_pose, read_sparse_dir
+from datagen.lidar_patterns import azimuth_deg, elevation_deg, get_pattern, save_pattern
 from datagen.mesh import Mesh
 from datagen.synthetic import default_K, render_scene
 
@@ -49,7 +50,7 @@ def show_pattern(spec: str, out: str, *, intrinsics: str | None = None, width: i
     else:
         d = pat.directions
     sub = np.random.default_rng(0).permutation(len(d))[:60000]  # a scatter of more points shows nothing more
-    az, el = _azimuth_deg(d[sub]), _elevation_deg(d[sub])
+    az, el = azimuth_deg(d[sub]), elevation_deg(d[sub])
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [1, 1.6]})
     a0.scatter(az, el, s=0.3, c="k", marker=".", linewidths=0)
     a0.set(xlabel="azimuth (deg, + = right)", ylabel="elevation (deg, + = up)",

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.lidar import get_sensor, simulate_sparse_depth
+from datagen.lidar import simulate_sparse_depth
 from datagen.ray_runner import RayRunner, ShardLost, TeacherRequest
 from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
+from datagen.sensor import get_sensor
 from datagen.settings import ConfigError, PipelineError, RunConfig, fingerprint_in
 from datagen.shard_files import (
     FAILURES,

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.lidar import get_pattern, simulate_sparse_depth
+from datagen.lidar import simulate_sparse_depth
+from datagen.lidar_patterns import get_pattern
 from datagen.mesh import Mesh
 from datagen.rig import accumulated_gt, kitti_pattern
 from datagen.synthetic import FAMILIES, render_scene

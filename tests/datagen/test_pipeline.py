@@ -275,8 +275,8 @@ def test_cli(tmp_path):
 
 def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
     """--hidden-geometry/--no-hidden-geometry and --sensor reach the sample, its meta.json and job.json."""
-    from datagen.lidar import get_sensor
     from datagen.pipeline import prepare
+    from datagen.sensor import get_sensor
     from datagen.settings import ConfigError
 
     items = get_source("synthetic", None, count=1, width=96, height=64).items()

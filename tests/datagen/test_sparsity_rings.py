@@ -4,7 +4,8 @@ goes through the code that `trainer eval --sparsity` uses (shared.sparsity)."""
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, Mount, project_scan, simulate_scan
+from datagen.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
+from datagen.lidar_patterns import LIDAR_PRESETS
 from datagen.sample import make_sample
 from datagen.settings import RunConfig
 from datagen.sources import get_source
