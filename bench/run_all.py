@@ -15,7 +15,7 @@ Markdown table per area, every measurement beside its naive reference from the s
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
                    bpnet-s; the 90M-parameter bpnet with --full)
-    ops            4-NN KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
+    ops            4-NN bucketed and KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
 
 A script that fails or runs past its time limit is recorded as such; the others still run.
 """
@@ -154,9 +154,9 @@ def md_training(d: dict) -> str:
 def md_ops(d: dict) -> str:
     rows = [[r["what"], r["size"], fmt(r["seconds"], 4), ratio(r["ratio"])] for r in d["rows"]]
     return (table(["what", "size", "seconds (median)", "ratio"], rows)
-            + f"\n\n{d['device']}, {d['threads']} threads, {d['repeats']} repeat(s). Ratio: the 4-NN exhaustive "
-              "search vs the KD-tree (brute-force nearest neighbours as the naive reference); local_conv rows vs the "
-              "naive k*k autograd loop; forward rows vs the first preset.")
+            + f"\n\n{d['device']}, {d['threads']} threads, {d['repeats']} repeat(s). Ratio: 4-NN rows, speed-up over "
+              "the exhaustive search (brute-force nearest neighbours, the naive reference; its time / the row's); "
+              "local_conv rows, time vs the naive k*k autograd loop; forward rows, time vs the first preset.")
 
 
 def write_markdown(results: dict, path: Path) -> None:
