@@ -10,7 +10,8 @@ JSON into results.json with the machine (cores, torch, GPU) and the time each sc
 Markdown table per area, every measurement beside its naive reference from the same run:
 
     geometry       grid vs Poisson mesh path; ray casting with vs without culling
-    datagen        images/s at 1 and 2 workers vs the plain single-process loop
+    datagen        images/s at 1 and 2 workers vs the plain single-process loop; per-stage ms of one
+                   640x480 and 1280x960 image, old vs new encoding, and the projected 16-core node
     teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one)
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
@@ -122,7 +123,9 @@ def md_datagen(d: dict) -> str:
     return (table([f"job ({w}x{h})", "workers", "images/s", "vs single-process loop", "command s", "peak RSS MB"], rows)
             + f"\n\nscaling 2 vs 1 worker: oracle {d['scaling_oracle']:.2f}x, tiny DA {d['scaling_tiny_DA']:.2f}x; "
               f"plain loop in 2 processes {d['scaling_plain']:.2f}x (what the machine gave two processes). "
-              f"Peak RSS of the whole job: " + ", ".join(f"{n} inputs {v:.0f} MB" for n, v in mem.items()) + ".")
+              f"Peak RSS of the whole job: " + ", ".join(f"{n} inputs {v:.0f} MB" for n, v in mem.items()) + "."
+            + ("\n\n### Real-size images, per stage (bench/datagen.py)\n\n" + d["real_size"]["markdown"]
+               if "real_size" in d else ""))
 
 
 def md_teacher(d: dict, device: str) -> str:
