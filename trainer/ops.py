@@ -192,7 +192,8 @@ def bucket_size(px: Tensor, py: Tensor, height: int, width: int, points_per_cell
 
     A first guess spreads the points over the whole image; the occupied share of that grid corrects it
     for clustered points (a LiDAR's empty sky, a dense patch), which would otherwise crowd a few cells.
-    Measured: 1.5-4 points per cell are about equally fast at KITTI density (bench/ops.py).
+    Measured once on uniform points at 256 x 1216 and 1248 x 1408: 1.5 to 4 points per cell are within
+    about 20% of each other in time, 2 the fastest.
     """
     num_points = px.numel()
     side = max(1, min(round((points_per_cell * height * width / num_points) ** 0.5), max(height, width)))
