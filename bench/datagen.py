@@ -14,8 +14,8 @@ Rows:
   processes: the scaling the machine gives two processes at that moment (on a shared machine other jobs
   take cores too, and no pipeline can beat that ratio).
 Real-size run (640 x 480 and 1280 x 960): the CPU ms of one image per stage on one core (JPEG decode, the
-teacher actor's work outside the model forward, disparity -> depth, mesh + scan + projection, encoding old
-and new), images/s per core and projected for a 16-core node, beside the teacher GPU's expected rate.
+teacher's pre/post-processing in the shard task, disparity -> depth, mesh + scan + projection, encoding
+old and new; and apart, the teacher actor's CPU outside the model forward), images/s per core and projected for a 16-core node, beside the teacher GPU's expected rate.
 Images/s is measured from the first shard task to the last (Ray start-up and model loading excluded; the
 wall time of the whole command is shown beside). Peak memory is the largest sum of RSS over the job's
 process tree (driver, raylet, GCS, workers, teacher), sampled every 0.1 s, for 100 and for 1000 inputs
@@ -206,27 +206,27 @@ def legacy_encode_sample(sample) -> dict:
         return shared.shard.encode_sample(sample)
 
 
-def teacher_outside_model_ms(teacher, images: list, reps: int) -> float:
-    """CPU ms per image that DepthTeacher.predict spends outside the model's forward (pre-processing,
-    batching, post-processing): what the one teacher actor does besides feeding the GPU."""
-    forward, in_model = teacher.model.forward, [0.0]
+def teacher_split_ms(teacher, images: list, reps: int) -> tuple[float, float]:
+    """CPU ms per image of the teacher's two halves in `datagen run` (CPU replica): the shard task's
+    (TeacherFeed.pack + unpack: resize, normalise, upsample back) and the actor's outside the model
+    forward (DepthTeacher.run). Best of reps, after a warm-up."""
+    from bench.teacher import ForwardClock
+    from datagen.teacher import TeacherFeed
 
-    def timed_forward(*a, **kw):
-        t = time.perf_counter()
-        out = forward(*a, **kw)
-        in_model[0] += time.perf_counter() - t
-        return out
-
-    teacher.model.forward = timed_forward
-    teacher.predict(images)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        in_model[0] = 0.0
-        t = time.perf_counter()
-        teacher.predict(images)
-        best = min(best, time.perf_counter() - t - in_model[0])
-    teacher.model.forward = forward
-    return 1000 * best / len(images)
+    feed, clock = TeacherFeed(teacher.info(), len(images)), ForwardClock(teacher.model)
+    best_task = best_actor = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.process_time()
+        packed = feed.pack(images)
+        t1 = time.process_time()
+        clock.seconds = 0.0
+        answer = teacher.run(packed)
+        t2 = time.process_time()
+        feed.unpack(packed, answer)
+        t3 = time.process_time()
+        best_task = min(best_task, (t1 - t0) + (t3 - t2))
+        best_actor = min(best_actor, max(t2 - t1 - clock.seconds, 0.0))
+    return 1000 * best_task / len(images), 1000 * best_actor / len(images)
 
 
 def real_size_run(tmp: Path, reps: int) -> dict:
@@ -279,12 +279,16 @@ def real_size_run(tmp: Path, reps: int) -> dict:
         stages = {
             "JPEG decode": best_ms(lambda p=photo: load_rgb(p), reps),
             "disparity -> depth": best_ms(lambda d=disp: disparity_to_depth(d, np.random.default_rng(1)), reps),
-            "mesh + scan + projection": best_ms(
+            "mesh + scan + projection (old: Open3D BVH over the grid mesh, no hidden layer)": best_ms(
+                lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3), **lidar_kw,
+                                                           caster="open3d", hidden=False), reps),
+            "mesh + scan + projection (new: height-field walk, hidden layer)": best_ms(
                 lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3), **lidar_kw), reps),
             "encode the sample (old: PIL, zlib level 3)": best_ms(lambda s=sample: legacy_encode_sample(s), reps),
             "encode the sample (new: direct PNG writer)": best_ms(lambda s=sample: encode_sample(s), reps),
         }
-        actor = teacher_outside_model_ms(teacher, [rgb] * 4, reps)
+        task_ms, actor = teacher_split_ms(teacher, [rgb] * 4, reps)
+        stages["teacher pre/post-processing (shard task)"] = task_ms
         size_kb = {k: sum(len(v) for n, v in enc.items() if not n.startswith("__")) / 1024
                    for k, enc in (("old", old), ("new", new))}
         out["sizes"][f"{w}x{h}"] = {"stages_ms": stages, "teacher_outside_model_ms": actor,
@@ -296,29 +300,35 @@ def real_size_run(tmp: Path, reps: int) -> dict:
 
 
 def real_size_table(r: dict) -> str:
-    """Markdown: per-stage ms, shard-task totals old and new, images/s per core and per node, the teacher."""
+    """Markdown: per-stage ms, shard-task totals of the old and the new path, images/s per core and per node,
+    the teacher. Old path: Open3D geometry, PIL encoding (the teacher's pre-processing then ran in the actor,
+    not in the task); new path: height-field geometry with the hidden layer, the direct PNG writer, and the
+    teacher's pre/post-processing moved into the task."""
     sizes = list(r["sizes"])
     st = {s: r["sizes"][s]["stages_ms"] for s in sizes}
-    enc_old, enc_new = "encode the sample (old: PIL, zlib level 3)", "encode the sample (new: direct PNG writer)"
-    common = [k for k in st[sizes[0]] if k not in (enc_old, enc_new)]
-    total = {s: {v: sum(st[s][k] for k in common) + st[s][enc] for v, enc in (("old", enc_old), ("new", enc_new))}
+    olds = [k for k in st[sizes[0]] if "(old:" in k]
+    news = [k for k in st[sizes[0]] if "(new:" in k or "(shard task)" in k]
+    common = [k for k in st[sizes[0]] if k not in olds and k not in news]
+    total = {s: {"old": sum(st[s][k] for k in (*common, *olds)), "new": sum(st[s][k] for k in (*common, *news))}
              for s in sizes}
     cores = r["node_cores"]
-    rows = [[k, *(f"{st[s][k]:.1f}" for s in sizes)] for k in (*common, enc_old, enc_new)]
-    rows.append(["encoding, old / new", *(f"{st[s][enc_old] / st[s][enc_new]:.1f}x" for s in sizes)])
+    rows = [[k, *(f"{st[s][k]:.1f}" for s in sizes)] for k in (*common, *olds, *news)]
+    for old, new in zip(olds, [k for k in news if "(new:" in k], strict=True):
+        rows.append([f"{old.split(' (')[0]}, old / new", *(f"{st[s][old] / st[s][new]:.1f}x" for s in sizes)])
     rows.append(["sample size, old -> new (KB)", *(f"{r['sizes'][s]['sample_kb']['old']:.0f} -> "
                                                    f"{r['sizes'][s]['sample_kb']['new']:.0f}" for s in sizes)])
     for v in ("old", "new"):
-        rows.append([f"**shard-task total, {v} encoding**", *(f"**{total[s][v]:.1f}**" for s in sizes)])
+        rows.append([f"**shard-task total, {v} path**", *(f"**{total[s][v]:.1f}**" for s in sizes)])
+    rows.append(["shard-task total, old / new", *(f"{total[s]['old'] / total[s]['new']:.1f}x" for s in sizes)])
     for v in ("old", "new"):
         rows.append([f"images/s per core, {v}", *(f"{1000 / total[s][v]:.1f}" for s in sizes)])
     for v in ("old", "new"):
         rows.append([f"images/s of a {cores}-core node, {v} (projected: {cores} x per core)",
                      *(f"{cores * 1000 / total[s][v]:.0f}" for s in sizes)])
-    rows.append(["teacher actor: CPU ms per image outside the model forward (tiny DA, 518 px processor)",
+    rows.append(["teacher actor: CPU ms per image outside the model forward (tiny DA, 518 px input)",
                  *(f"{r['sizes'][s]['teacher_outside_model_ms']:.1f}" for s in sizes)])
     rows.append(["teacher actor cap, images/s per replica (1000 / the row above)",
-                 *(f"{1000 / r['sizes'][s]['teacher_outside_model_ms']:.0f}" for s in sizes)])
+                 *(f"{1000 / max(r['sizes'][s]['teacher_outside_model_ms'], 1e-3):.0f}" for s in sizes)])
     rows.append(["teacher GPU rate, DA V2 Large fp32 on an A100 (published ~13 ms/image; not measured here)",
                  *(f"~{r['teacher_gpu_img_s']:.0f}" for s in sizes)])
     header = "| stage (ms per image, one core, best of {}) | {} |\n|---|{}".format(
