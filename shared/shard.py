@@ -1,4 +1,4 @@
-"""The shard format, version 1: one WebDataset tar per N samples (see DESIGN.md and shards/README.md).
+"""The shard format, version 1: one WebDataset tar per N samples (described for users in shards/README.md).
 
 Members of a sample, all under one key:
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
 
 from shared.camera import as_K
 from shared.depth import (
@@ -39,13 +40,12 @@ from shared.depth import (
     encode_disparity_png,
     encode_rgb,
 )
-from shared.fsutil import fsync_dir
+from shared.fsutil import TMP_MARK, fsync_dir, temporary_path
 
 SCHEMA_VERSION = 1
 DEPTH_MEMBERS = ("depth", "sparse", "gt")
 KNOWN_MEMBERS = ("rgb.jpg", "rgb.png", "teacher.png", "depth.png", "sparse.png", "gt.png", "meta.json")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-TMP_MARK = ".tmp-"
 
 
 class ShardError(ValueError):
@@ -194,7 +194,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, rgb_format: str = "jpg", jpeg_quality: int = 95):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f"{self.path.name}{TMP_MARK}{os.getpid()}")
+        self.tmp_path = temporary_path(self.path)
         self.rgb_format, self.jpeg_quality = rgb_format, jpeg_quality
         self.count = 0
         self._keys: set[str] = set()
@@ -265,9 +265,7 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
         return [u for s in spec for u in list_shards(s)]
     s = str(spec)
     if re.match(r"^[a-z0-9+]+:", s) and not os.path.exists(s):
-        import braceexpand
-
-        return list(braceexpand.braceexpand(s))
+        return list(braceexpand(s))
     p = Path(s)
     if p.is_dir():
         found = sorted(str(f) for f in p.rglob("*.tar") if TMP_MARK not in f.name)
@@ -277,9 +275,7 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     if p.is_file():
         return [s]
     if "{" in s:
-        import braceexpand
-
-        out = list(braceexpand.braceexpand(s))
+        out = list(braceexpand(s))
         missing = [u for u in out if not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"shard pattern {s}: {len(missing)} files missing, e.g. {missing[0]}")
@@ -340,7 +336,7 @@ def iter_samples(spec, strict: bool = True, stats: ReadStats | None = None) -> I
     strict=True raises ShardError at the first bad sample or tar (naming shard and key);
     strict=False skips it and counts it in `stats`.
     """
-    import webdataset as wds
+    import webdataset as wds  # lazy: it imports torch, which shared (and datagen's workers) never need
 
     stats = stats if stats is not None else ReadStats()
     handler = make_error_handler(strict, stats)

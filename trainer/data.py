@@ -51,11 +51,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
 
 from shared.camera import crop_K, flip_K
 from shared.shard import ReadStats, Sample, ShardError, decode_sample, list_shards, make_error_handler
 from shared.sparsity import Protocol
 from shared.sparsity import apply as apply_sparsity
+from trainer.model import normalize_rgb  # the model's own helper keeps the input convention in one place
 
 log = logging.getLogger("trainer.data")
 
@@ -214,8 +217,6 @@ def bpnet_nyu_frame(sample: Sample) -> dict:
     the sample's own sparse map and teacher are not used. Predictions and GT stay in this 256 x 320 frame
     (box and full_hw say so): they cannot be pasted back onto the 640 x 480 image.
     """
-    from PIL import Image
-
     (H, W), (rh, rw), (ch, cw), (pt, pl) = (480, 640), (240, 320), (228, 304), (14, 8)
     if (sample.height, sample.width) != (H, W):
         raise ValueError(f"{sample.key}: the bpnet-nyu frame expects NYUv2's {W} x {H} frames, "
@@ -278,8 +279,6 @@ def eval_frame(sample: Sample, crop_hw: tuple[int, int] | str | None = None) -> 
 
 def collate(frames: list[dict], keys: list[str]) -> dict:
     """Stack frames (padding bottom/right to the largest, for eval batches of mixed sizes)."""
-    from trainer.model import normalize_rgb  # the model's own helper keeps the convention in one place
-
     oh = max(f["rgb"].shape[0] for f in frames)
     ow = max(f["rgb"].shape[1] for f in frames)
 
@@ -371,8 +370,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _raw(self, epoch: int, local: int) -> Iterator[tuple[int, dict]]:
         """(position, raw sample) of this rank's slot `local` in this epoch, shuffled; from 0."""
-        import webdataset as wds
-
         slot = self.rank * self.num_workers + local  # the reader's place among all ranks' readers
         urls = list(self.urls)
         if self.cfg.train:
