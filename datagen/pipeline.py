@@ -24,7 +24,6 @@ on scheduling, nor on the number of workers, nor on resumption.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.shard import TMP_MARK, Sample, encode_sample
+from datagen.job_lock import LockBusy, job_lock
+from shared import storage
+from shared.shard import Sample, encode_sample
 
 log = logging.getLogger("datagen")
 
@@ -93,6 +94,7 @@ class RunConfig:
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
     log_every_s: float = 10.0
     ray_log_to_driver: bool = False  # worker stdout/stderr stay in the Ray session logs unless asked for
+    runtime_env: str = "auto"  # code shipped to a cluster: auto|full|code|off (datagen/runtime_env.py)
 
 
 @dataclass
@@ -245,39 +247,29 @@ def shard_name(source: str, index: int) -> str:
     return f"{source}-{index:06d}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Every file goes through shared.storage: out_dir is a local folder or an object-store URL (s3://...).
 
 
-def read_sidecar(out_dir: Path, name: str) -> dict | None:
+def read_sidecar(out_dir: str | Path, name: str) -> dict | None:
     try:
-        return json.loads((out_dir / f"{name}{ROWS_SUFFIX}").read_text())
+        return json.loads(storage.read_bytes(storage.join(out_dir, f"{name}{ROWS_SUFFIX}")))
     except (OSError, ValueError):
         return None
 
 
-def shard_finished(out_dir: Path, name: str, keys: list[str]) -> dict | None:
+def shard_finished(out_dir: str | Path, name: str, keys: list[str]) -> dict | None:
     """The sidecar of a finished shard holding exactly these input keys, or None (then it is redone)."""
     rows = read_sidecar(out_dir, name)
     if not rows or rows.get("keys") != keys:
         return None
-    if rows.get("samples", 0) > 0 and not (out_dir / f"{name}.tar").is_file():
+    if rows.get("samples", 0) > 0 and not storage.is_file(storage.join(out_dir, f"{name}.tar")):
         return None  # killed between sidecar and rename
     return rows
 
 
-def remove_partial_files(out_dir: Path) -> int:
-    n = 0
-    for p in out_dir.iterdir():
-        if TMP_MARK in p.name and p.is_file():
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+def remove_partial_files(out_dir: str | Path) -> int:
+    """Delete what killed shard tasks and drivers left (temporary files, unfinished uploads)."""
+    return storage.remove_partial(out_dir)
 
 
 def _arrow_schema(columns: tuple[str, ...]):
@@ -288,7 +280,7 @@ def _arrow_schema(columns: tuple[str, ...]):
     return pa.schema([(c, types.get(c, pa.string())) for c in columns])
 
 
-def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failures: list[dict]) -> tuple[int, int]:
+def write_tables(out_dir: str | Path, finished: list[bool], source: str, extra_failures: list[dict]) -> tuple[int, int]:
     """Rebuild manifest.parquet and failures.parquet from the sidecars of the finished shards, in shard order,
     plus `extra_failures` (the inputs of shards whose worker died).
 
@@ -299,10 +291,10 @@ def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failure
     import pyarrow.parquet as pq
 
     targets = {"manifest": (MANIFEST, MANIFEST_COLUMNS), "failures": (FAILURES, FAILURE_COLUMNS)}
-    writers, tmps, buffers, counts = {}, {}, {}, {}
+    writers, files, buffers, counts = {}, {}, {}, {}
     for kind, (fname, columns) in targets.items():
-        tmps[kind] = out_dir / f"{fname}{TMP_MARK}{os.getpid()}"
-        writers[kind] = pq.ParquetWriter(tmps[kind], _arrow_schema(columns))
+        files[kind] = storage.AtomicFile(storage.join(out_dir, fname))
+        writers[kind] = pq.ParquetWriter(files[kind].file, _arrow_schema(columns))
         buffers[kind], counts[kind] = [], 0
 
     def flush(kind: str, force: bool = False) -> None:
@@ -325,15 +317,15 @@ def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failure
                 flush(kind)
         buffers["failures"] += extra_failures
         counts["failures"] += len(extra_failures)
-        for kind, (fname, _) in targets.items():
+        for kind in targets:
             flush(kind, force=True)
             writers[kind].close()
-            with open(tmps[kind], "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmps[kind], out_dir / fname)
+            files[kind].commit()
+            files[kind] = None
     finally:
-        for kind in targets:
-            tmps[kind].unlink(missing_ok=True)
+        for f in files.values():
+            if f is not None:
+                f.abort()
     return counts["manifest"], counts["failures"]
 
 
@@ -408,7 +400,6 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
     from datagen.sources.base import InputError
     from shared.shard import ShardWriter
 
-    out = Path(out_dir)
     name = shard_name(cfg["source"], index)
     source = _source(cfg)
     cfg = {**cfg, "native_K": source.intrinsics == "native"}
@@ -460,7 +451,7 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
                 fail(item, exc.stage, exc.error)
                 continue
             if writer is None:
-                writer = ShardWriter(out / f"{name}.tar", rgb_format=cfg["rgb_format"])
+                writer = ShardWriter(storage.join(out_dir, f"{name}.tar"), rgb_format=cfg["rgb_format"])
             writer.write(members)
             manifest.append({
                 "key": item.key, "shard": f"{name}.tar", "source_path": item.path,
@@ -496,7 +487,7 @@ def process_shard(cfg: dict, index: int, items: list, teacher, teacher_info: dic
         rows = {"shard": name, "keys": [it.key for it in items], "samples": len(manifest),
                 "manifest": manifest, "failures": failures}
         # the sidecar goes first: a tar under its final name always has its rows on disk
-        atomic_write_bytes(out / f"{name}{ROWS_SUFFIX}", json.dumps(rows).encode())
+        storage.write_bytes(storage.join(out_dir, f"{name}{ROWS_SUFFIX}"), json.dumps(rows).encode())
         if writer is not None:
             writer.close()
             writer = None
@@ -549,11 +540,19 @@ def _local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def connect_ray(address: str | None, workers: int | None, log_to_driver: bool) -> tuple[bool, int]:
-    """Start a local Ray (loopback only) or join a cluster. Returns (we started it, workers to use)."""
+def connect_ray(address: str | None, workers: int | None, log_to_driver: bool,
+                ship: str = "auto") -> tuple[bool, int]:
+    """Start a local Ray (loopback only) or join a cluster, shipping the code as `ship` says
+    (datagen/runtime_env.py). Returns (we started it, workers to use)."""
+    from datagen.runtime_env import describe, runtime_env
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in ("local", ""):
         address = None
+    try:
+        env = runtime_env(ship, joining_cluster=address is not None)
+    except RuntimeError as exc:
+        raise PipelineError(str(exc)) from exc
     if address is None:
         # bind to 127.0.0.1: a laptop job must not open ports on the network (read when ray is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -576,12 +575,13 @@ def connect_ray(address: str | None, workers: int | None, log_to_driver: bool) -
         use = min(want, cores)
         try:
             ray.init(address="local", num_cpus=use, include_dashboard=False, log_to_driver=log_to_driver,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, runtime_env=env)
         except Exception as exc:  # noqa: BLE001 (ports, /dev/shm, a stale session: say what Ray said)
             raise PipelineError(f"cannot start a local Ray: {type(exc).__name__}: {exc}") from exc
         return True, use
+    log.info("joining the Ray cluster at %s: %s", address, describe(env))
     try:
-        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING, runtime_env=env)
     except Exception as exc:  # noqa: BLE001 (connection refused, auth, version mismatch: all fatal, say which)
         raise PipelineError(
             f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}. A head started with "
@@ -603,13 +603,13 @@ def _fingerprint(cfg: RunConfig, teacher: str, teacher_output: str) -> dict:
     return json.loads(json.dumps({k: d[k] for k in FINGERPRINT_FIELDS}))
 
 
-def _check_job_file(out_dir: Path, fingerprint: dict, about: dict | None = None) -> None:
+def _check_job_file(out_dir: str | Path, fingerprint: dict, about: dict | None = None) -> None:
     """Refuse an output folder made with other settings; write job.json: the fingerprint plus `about`
     (facts that do not change the bytes, such as the teacher's licence: not compared)."""
-    path = out_dir / JOB_FILE
-    if path.is_file():
+    path = storage.join(out_dir, JOB_FILE)
+    if storage.is_file(path):
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(storage.read_bytes(path))
         except ValueError:
             old = None
         if old is not None:
@@ -619,7 +619,7 @@ def _check_job_file(out_dir: Path, fingerprint: dict, about: dict | None = None)
                              for k in FINGERPRINT_FIELDS if old.get(k) != fingerprint.get(k))
             raise PipelineError(f"{out_dir} holds shards made with other settings ({diff}); "
                                 "use another --out or remove that folder")
-    atomic_write_bytes(path, json.dumps({**fingerprint, **(about or {})}, indent=1, sort_keys=True).encode())
+    storage.write_bytes(path, json.dumps({**fingerprint, **(about or {})}, indent=1, sort_keys=True).encode())
 
 
 class _Progress:
@@ -667,6 +667,7 @@ def prepare(cfg: RunConfig):
 
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    _check_locations(cfg)
     _check_lidar_settings(cfg)
     cfg.source_options = {k: v for k, v in cfg.source_options.items() if v is not None}
     if cfg.source == "synthetic":
@@ -700,6 +701,19 @@ def prepare(cfg: RunConfig):
     return items, teacher, resolved, profile
 
 
+def _check_locations(cfg: RunConfig) -> None:
+    """--out is a local folder or an object-store URL (never a URL taken as a local path), --runtime-env
+    a known mode; --root is checked by the source (only some read object storage)."""
+    from datagen.runtime_env import MODES
+
+    try:
+        cfg.out = storage.check(cfg.out, "--out")
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from exc
+    if cfg.runtime_env not in MODES:
+        raise ConfigError(f"--runtime-env must be one of {', '.join(MODES)}, got {cfg.runtime_env!r}")
+
+
 def _check_lidar_settings(cfg: RunConfig) -> None:
     """The sensor spec parses, and hidden geometry is asked for only where it applies (the grid mesh)."""
     from datagen.lidar import get_sensor
@@ -720,29 +734,23 @@ def run(cfg: RunConfig) -> RunSummary:
     items, teacher_spec, teacher_resolved, profile = prepare(cfg)
     lic = profile["license"]
     (log.warning if lic["non_commercial"] else log.info)("%s", license_line(teacher_spec, lic))
-    out_dir = Path(cfg.out) / cfg.source
+    out_dir = storage.join(cfg.out, cfg.source)  # cfg.out was checked by prepare: a local path or a store URL
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out_dir)
     except OSError as exc:
         raise PipelineError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    except storage.StorageError as exc:
+        raise PipelineError(str(exc)) from exc
     try:
-        lock = open(out_dir / ".lock", "w")  # noqa: SIM115 (held for the whole run; the OS drops it on kill -9)
-    except OSError as exc:
-        raise PipelineError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        lock.close()
-        raise PipelineError(f"another datagen run is writing to {out_dir}") from exc
-    try:
-        return _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir, t_start, profile)
+        with job_lock(out_dir):  # see datagen/job_lock.py: fcntl locally, a lease on an object store
+            return _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir, t_start, profile)
+    except LockBusy as exc:
+        raise PipelineError(str(exc)) from exc
     except OSError as exc:  # the driver's own files (job.json, the tables): disk full, permissions
         raise PipelineError(f"cannot write to {out_dir}: {exc}") from exc
-    finally:
-        lock.close()
 
 
-def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_start: float,
+def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: str, t_start: float,
                 profile: dict) -> RunSummary:
     about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
     _check_job_file(out_dir, _fingerprint(cfg, teacher_spec, profile["output"]), about)
@@ -758,7 +766,9 @@ def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_sta
     todo = [i for i, done in enumerate(finished) if not done]
     summary = RunSummary(out_dir=str(out_dir), inputs=len(items), shards=len(shards), teacher=teacher_spec)
     summary.skipped = sum(len(shards[i]) for i, done in enumerate(finished) if done)
-    stale = sorted(p.name for p in out_dir.glob(f"{cfg.source}-*.tar") if p.stem not in set(names))
+    ours = {f"{n}.tar" for n in names}
+    stale = [n for n in storage.listdir(out_dir) if n.startswith(f"{cfg.source}-") and n.endswith(".tar")
+             and n not in ours]
     if stale:
         log.warning("%d shard(s) in %s are not part of this job (an earlier run with a larger --limit?), e.g. %s; "
                     "they are left alone and not in the manifest", len(stale), out_dir, stale[0])
@@ -776,7 +786,7 @@ def _run_locked(cfg, items, teacher_spec, teacher_resolved, out_dir: Path, t_sta
 
 def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out_dir, summary) -> list[dict]:
     """Run the unfinished shards on Ray; fills `finished` and `summary`, returns rows of crashed shards."""
-    started, workers = connect_ray(cfg.address, cfg.workers, cfg.ray_log_to_driver)
+    started, workers = connect_ray(cfg.address, cfg.workers, cfg.ray_log_to_driver, cfg.runtime_env)
     import ray
     from ray.exceptions import RayTaskError
 
@@ -814,7 +824,8 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
             ray.get(warm)
         except RayTaskError as exc:
             raise PipelineError(f"the Ray workers cannot set up the job ({exc.cause!r}); on a cluster every node "
-                                "needs this project installed (the same image or `pip install -e .`)") from exc
+                                "needs this project: shipped by --runtime-env full|code, or installed in the "
+                                "nodes' image (then --runtime-env off)") from exc
         remote = ray.remote(process_shard).options(num_cpus=1, max_retries=3)
         progress = _Progress(cfg.progress, sum(len(shards[i]) for i in todo), cfg.log_every_s)
         t0 = time.monotonic()
@@ -824,7 +835,7 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
                 while queue and len(in_flight) < workers:
                     i = queue.pop(0)
                     actor = actors[i % len(actors)] if actors else None
-                    in_flight[remote.remote(task_cfg, i, shards[i], actor, info, str(out_dir))] = i
+                    in_flight[remote.remote(task_cfg, i, shards[i], actor, info, out_dir)] = i
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(cfg.log_every_s, 1.0))
                 progress.tick()
                 for ref in ready:
@@ -847,7 +858,7 @@ def _run_shards(cfg, shards, todo, finished, teacher_spec, teacher_resolved, out
                         summary.failed_by_stage["worker"] = summary.failed_by_stage.get("worker", 0) + len(shards[i])
                         progress.update(len(shards[i]))
                         continue
-                    if rows["samples"] and not (out_dir / f"{rows['shard']}.tar").is_file():
+                    if rows["samples"] and not storage.is_file(storage.join(out_dir, f"{rows['shard']}.tar")):
                         raise PipelineError(f"shard {rows['shard']} was written by a worker but is not in {out_dir} "
                                             "on this machine: on a cluster --out must be a folder every node shares")
                     finished[i] = True

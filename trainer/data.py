@@ -53,7 +53,15 @@ import numpy as np
 import torch
 
 from shared.camera import crop_K, flip_K
-from shared.shard import ReadStats, Sample, ShardError, decode_sample, list_shards, make_error_handler
+from shared.shard import (
+    ReadStats,
+    Sample,
+    ShardError,
+    decode_sample,
+    list_shards,
+    make_error_handler,
+    shard_dataset,
+)
 from shared.sparsity import Protocol
 from shared.sparsity import apply as apply_sparsity
 
@@ -371,8 +379,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _raw(self, epoch: int, local: int) -> Iterator[tuple[int, dict]]:
         """(position, raw sample) of this rank's slot `local` in this epoch, shuffled; from 0."""
-        import webdataset as wds
-
         slot = self.rank * self.num_workers + local  # the reader's place among all ranks' readers
         urls = list(self.urls)
         if self.cfg.train:
@@ -381,8 +387,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine, modulo = split_shards(urls, slot, num_slots)
         if not mine:
             return
-        ds = wds.WebDataset(mine, shardshuffle=False, handler=self._handler, empty_check=False,
-                            nodesplitter=None, workersplitter=None)
+        ds = shard_dataset(mine, self._handler)  # local paths or object-store URLs alike
         raw = iter(ds) if modulo is None else (s for i, s in enumerate(ds) if i % num_slots == modulo)
         if self.cfg.train:
             raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, slot, 1))
