@@ -8,8 +8,8 @@ nothing in the project is told about the server.
 from __future__ import annotations
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,33 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The endpoint URL of a moto S3 server, with AWS_* set for this process and the ones it starts."""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    with open(log, "w") as f:  # port 0: the server takes a free port and prints it
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto's S3 server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
+        while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto's S3 server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        endpoint = found.group(1)
         env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
         with pytest.MonkeyPatch.context() as mp:
