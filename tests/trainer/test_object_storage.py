@@ -5,6 +5,7 @@ batches as from a local copy, the rank x worker split, corrupt and missing shard
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -111,3 +112,15 @@ def test_pretrain_finetune_and_eval_read_s3(tmp_path, s3_bucket):
         result[where] = json.loads((tmp_path / f"{where}.json").read_text())
     assert result["s3"]["count"] == 2 and result["s3"]["skipped"] == 0
     assert result["s3"]["per_image"] == result["local"]["per_image"]  # the same numbers, image by image
+
+
+def test_a_url_where_a_local_path_is_expected_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for args in (["pretrain", "--shards", "s3://bucket/shards/", "--out", "s3://bucket/run"],
+                 ["export", "--ckpt", "s3://bucket/run", "--out", "model.safetensors"],
+                 ["predict", "--ckpt", "run", "--shards", "s3://bucket/shards/", "--out", "gs://bucket/pred"]):
+        result = runner.invoke(app, args)
+        text = re.sub(r"[\s│]+", " ", result.output)  # typer's error box wraps the message
+        assert result.exit_code == 2 and "is a URL; a local path is expected" in text, result.output
+    assert list(tmp_path.iterdir()) == []  # no folder named s3: or gs:
