@@ -181,12 +181,15 @@ def makedirs(location) -> None:
     fs, path = _fs(location)
     bucket = path.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot reach {location}: {type(exc).__name__}: {exc}") from exc
-    if not found:
+        if URL_RE.match(location).group(1).lower() == "s3":
+            fs.call_s3("head_bucket", Bucket=bucket)  # unlike exists(), tells a missing bucket from no server
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(bucket)
+    except FileNotFoundError:
         raise StorageError(f"{location}: the bucket {bucket!r} does not exist (or these credentials cannot see it); "
-                           "create it first")
+                           "create it first") from None
+    except Exception as exc:  # noqa: BLE001 (no server, refused credentials: say what the library said)
+        raise StorageError(f"cannot reach {location}: {type(exc).__name__}: {exc}") from exc
 
 
 def write_bytes(location, data: bytes) -> None:
@@ -294,7 +297,10 @@ def remove_partial(location) -> int:
         fs, path = _fs(location)
         bucket, _, key = path.partition("/")
         prefix = key.rstrip("/") + "/" if key else ""
-        uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        try:
+            uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        except PermissionError:  # a role without s3:ListBucketMultipartUploads: such parts stay until a
+            uploads = []  # lifecycle rule aborts them; they are never visible as objects
         for up in uploads:
             rest = up["Key"][len(prefix):]
             if "/" not in rest and TMP_MARK in rest:

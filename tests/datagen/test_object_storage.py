@@ -10,6 +10,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported:
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,9 @@ def test_a_job_to_s3_killed_and_rerun_equals_an_uninterrupted_run(tmp_path, s3_b
     assert read_table(f"{job}/manifest.parquet") == pq.read_table(ref_dir / "manifest.parquet").to_pylist()
     assert read_table(f"{job}/failures.parquet") == []
     assert json.loads(storage.read_bytes(f"{job}/job.json")) == json.loads((ref_dir / "job.json").read_text())
+
+    inspected = CliRunner().invoke(app, ["inspect", f"{job}/"])  # datagen inspect reads them there too
+    assert inspected.exit_code == 0 and re.search(rf"samples +{N} ", inspected.output), inspected.output
 
     # and the trainer streams them back from S3, every sample once (its rank x worker split on S3:
     # tests/trainer/test_object_storage.py)
