@@ -12,13 +12,14 @@ Markdown table per area, every measurement beside its naive reference from the s
     geometry       old grid path (culled Open3D BVH) vs the height-field caster, with and without hidden
                    geometry, vs Poisson; first-call (numba compile) cost
     scan_fidelity  simulated scans vs the exact world's: recall, spurious, see-through, per mount and surface
-    datagen        images/s at 1 and 2 workers vs the plain single-process loop
+    datagen        images/s at 1 and 2 workers vs the plain single-process loop; per-stage ms of one
+                   640x480 and 1280x960 image, old vs new encoding, and the projected 16-core node
     teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one); the teacher
                    actor's CPU per image outside the forward pass, before / after the pre-processing moved out
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
                    bpnet-s; the 90M-parameter bpnet with --full)
-    ops            4-NN KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
+    ops            4-NN bucketed and KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
     calibration    the oracle teacher's AbsRel and delta1 per scene family vs Depth Anything V2's published ones
 
 A script that fails or runs past its time limit is recorded as such; the others still run.
@@ -141,7 +142,9 @@ def md_datagen(d: dict) -> str:
     return (table([f"job ({w}x{h})", "workers", "images/s", "vs single-process loop", "command s", "peak RSS MB"], rows)
             + f"\n\nscaling 2 vs 1 worker: oracle {d['scaling_oracle']:.2f}x, tiny DA {d['scaling_tiny_DA']:.2f}x; "
               f"plain loop in 2 processes {d['scaling_plain']:.2f}x (what the machine gave two processes). "
-              f"Peak RSS of the whole job: " + ", ".join(f"{n} inputs {v:.0f} MB" for n, v in mem.items()) + ".")
+              f"Peak RSS of the whole job: " + ", ".join(f"{n} inputs {v:.0f} MB" for n, v in mem.items()) + "."
+            + ("\n\n### Real-size images, per stage (bench/datagen.py)\n\n" + d["real_size"]["markdown"]
+               if "real_size" in d else ""))
 
 
 def md_teacher(d: dict, device: str) -> str:
@@ -181,9 +184,9 @@ def md_training(d: dict) -> str:
 def md_ops(d: dict) -> str:
     rows = [[r["what"], r["size"], fmt(r["seconds"], 4), ratio(r["ratio"])] for r in d["rows"]]
     return (table(["what", "size", "seconds (median)", "ratio"], rows)
-            + f"\n\n{d['device']}, {d['threads']} threads, {d['repeats']} repeat(s). Ratio: the 4-NN exhaustive "
-              "search vs the KD-tree (brute-force nearest neighbours as the naive reference); local_conv rows vs the "
-              "naive k*k autograd loop; forward rows vs the first preset.")
+            + f"\n\n{d['device']}, {d['threads']} threads, {d['repeats']} repeat(s). Ratio: 4-NN rows, speed-up over "
+              "the exhaustive search (brute-force nearest neighbours, the naive reference; its time / the row's); "
+              "local_conv rows, time vs the naive k*k autograd loop; forward rows, time vs the first preset.")
 
 
 def md_calibration(d: dict) -> str:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.ops import knn4, local_conv
+import trainer.ops as ops
+from trainer.ops import knn4, knn4_points_brute, knn4_points_bucket, local_conv
 
 
 def reference_knn4(sparse: np.ndarray):
@@ -64,7 +65,7 @@ def cases():
 
 
 @pytest.mark.parametrize("name", list(cases()))
-@pytest.mark.parametrize("method", ["kdtree", "brute"])
+@pytest.mark.parametrize("method", ["kdtree", "bucket", "brute"])
 def test_knn4_matches_reference(name, method):
     H, W, coords = cases()[name]
     s = sparse_map(H, W, coords, np.random.default_rng(1))
@@ -91,7 +92,7 @@ def test_knn4_zero_points_and_batch_and_threshold():
     s = torch.zeros(2, 1, 4, 6)
     s[1, 0, 2, 3] = 2.0
     s[1, 0, 0, 0] = 1e-3  # not valid: the original's threshold is strictly above 1e-3
-    for method in ("kdtree", "brute"):
+    for method in ("kdtree", "bucket", "brute"):
         idx, off = knn4(s, method=method)
         np.testing.assert_array_equal(idx[0].numpy(), np.tile(np.arange(24), (4, 1)))
         assert torch.all(off[0] == 0)
@@ -107,6 +108,71 @@ def test_knn4_kdtree_equals_brute_on_random_maps():
     a = knn4(s, method="kdtree")
     b = knn4(s, method="brute", chunk_elems=1000)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def random_points(rng, H, W, kind):
+    """Flat row-major indices of valid pixels: few, uniform, clustered, or on a lattice (many ties)."""
+    if kind == "few":  # fewer than 4 points, or just 4
+        return np.sort(rng.choice(H * W, rng.integers(1, min(H * W, 4) + 1), replace=False))
+    if kind == "uniform":
+        flat = np.flatnonzero(rng.random(H * W) < rng.choice([0.01, 0.05, 0.3, 1.0]))
+        return flat if flat.size else np.array([rng.integers(H * W)])
+    if kind == "cluster":  # a dense blob: its cells hold many points, the rest of the grid none
+        cy, cx = rng.integers(0, H), rng.integers(0, W)
+        ys, xs = np.clip(cy + rng.integers(-2, 3, 30), 0, H - 1), np.clip(cx + rng.integers(-2, 3, 30), 0, W - 1)
+        return np.unique(ys * W + xs)
+    step = int(rng.integers(2, 6))  # a lattice: integer distances tie everywhere
+    yy, xx = np.meshgrid(np.arange(0, H, step), np.arange(int(rng.integers(0, step)), W, step), indexing="ij")
+    flat = np.sort((yy * W + xx).ravel())
+    return flat if flat.size else np.array([0])
+
+
+@pytest.mark.parametrize("kind", ["few", "uniform", "cluster", "lattice"])
+def test_knn4_bucket_equals_exhaustive_on_random_maps(kind):
+    # 1-pixel, 1-row, 1-column and non-square images, cells from 1 pixel to larger than the image,
+    # and chunks of a few pairs (every code path of the chunking); the exhaustive search is the reference
+    rng = np.random.default_rng(["few", "uniform", "cluster", "lattice"].index(kind))
+    shapes = [(1, 1), (1, 9), (7, 1), (2, 3)] + [(int(rng.integers(1, 30)), int(rng.integers(1, 45))) for _ in range(20)]
+    for H, W in shapes:
+        flat = torch.from_numpy(random_points(rng, H, W, kind))
+        px, py = flat % W, flat // W
+        ref = knn4_points_brute(px, py, H, W)
+        for cell in (None, 1, 2, 5, 64):
+            got = knn4_points_bucket(px, py, H, W, cell=cell, chunk_elems=int(rng.choice([40, 1 << 20])))
+            assert torch.equal(got, ref), (kind, H, W, cell, flat.numel())
+
+
+def test_knn4_bucket_one_pixel_and_empty_images():
+    for value, expect in ((5.0, 0), (0.0, 0)):  # a valid lone pixel is its own 4 neighbours; so is an invalid one
+        idx, off = knn4(torch.full((1, 1, 1, 1), value), method="bucket")
+        assert idx.tolist() == [[[expect]] * 4] and torch.all(off == 0)
+
+
+def test_knn4_bucket_looks_at_few_candidates(monkeypatch):
+    # the point of buckets: each pixel weighs a few dozen nearby points, not all of them
+    rng = np.random.default_rng(5)
+    H, W, n = 96, 128, 600
+    flat = torch.from_numpy(np.sort(rng.choice(H * W, n, replace=False)))
+    pairs = []
+    real = ops._merge_runs
+
+    def counting(best, cells, lo, hi, grid, lx, chunk_elems):
+        pairs.append(int((hi - lo).sum()) * grid.side ** 2)
+        return real(best, cells, lo, hi, grid, lx, chunk_elems)
+
+    monkeypatch.setattr(ops, "_merge_runs", counting)
+    got = knn4_points_bucket(flat % W, flat // W, H, W)
+    assert torch.equal(got, knn4_points_brute(flat % W, flat // W, H, W))
+    assert sum(pairs) / (H * W) < 60, sum(pairs) / (H * W)  # exhaustive: 600 per pixel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn4_bucket_on_cuda_equals_cpu():
+    rng = np.random.default_rng(7)
+    s = torch.from_numpy((rng.random((2, 1, 64, 200)) < 0.05).astype(np.float32) * 10)
+    idx, off = knn4(s.cuda())  # auto: the bucketed search on CUDA
+    ref = knn4(s, method="brute")
+    assert torch.equal(idx.cpu(), ref[0]) and torch.equal(off.cpu(), ref[1])
 
 
 def reference_local_conv(x, w, k):
