@@ -70,6 +70,17 @@ def test_urls_are_refused_and_never_become_local_folders(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []  # no folder named s3: (or anything else) was made
 
 
+def test_out_s3_as_in_the_issue_writes_nothing_locally(tmp_path, monkeypatch, s3_server):
+    """`--out s3://bucket/shards` once made a folder named `s3:` here and died with ArrowInvalid. Now the
+    URL goes to the store: a bucket that does not exist is named, before Ray starts, and nothing is local."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--out", "s3://bucket/shards", "--limit", "1", "--width", "64",
+                                      "--height", "48", "--progress", "none"])
+    assert result.exit_code == 1, result.output
+    assert "the bucket 'bucket' does not exist" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def reason(exc: Exception, path: str) -> str:
     """'<path>: empty file (0 bytes)' -> 'empty file'."""
     text = str(exc)
