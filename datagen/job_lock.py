@@ -122,10 +122,11 @@ class Lease:
                     continue  # released in between
                 why = stale_reason(held)
                 if why is None:
-                    raise LockBusy(f"another datagen run is writing to {self.out_dir} (host {held.get('host')}, pid {held.get('pid')}, lease renewed "
-                                   f"{time.time() - float(held.get('renewed', 0)):.0f} s ago; it expires "
-                                   f"{float(held.get('lease_s', LEASE_S)):.0f} s after its last renewal). If that run "
-                                   f"is dead, wait for the lease to expire or delete {self.url}") from None
+                    age = time.time() - float(held.get("renewed", 0))
+                    raise LockBusy(f"another datagen run is writing to {self.out_dir} (host {held.get('host')}, "
+                                   f"pid {held.get('pid')}, lease renewed {age:.0f} s ago; it expires "
+                                   f"{float(held.get('lease_s', LEASE_S)):.0f} s after its last renewal). If that "
+                                   f"run is dead, wait for the lease to expire or delete {self.url}") from None
                 log.warning("taking over %s from a run that is gone (%s)", self.url, why)
                 storage.remove(self.url)
         else:

@@ -5,7 +5,7 @@
     gs://bucket/prefix, az://container/prefix     Google Cloud Storage (gcsfs), Azure Blob (adlfs)
 
 The layer for object stores is fsspec (docs/pipeline.md says why): one API for every store, the one the
-scientific Python stack already uses (pandas, pyarrow, Hugging Face datasets), streaming reads and writes,
+scientific Python stack already uses (pandas, Hugging Face datasets), streaming reads and writes,
 and the store's own credential chain. Credentials and the endpoint come from the standard environment
 that the store's library reads (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION, ~/.aws, an instance role); nothing here stores or forwards a secret.
