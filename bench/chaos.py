@@ -42,8 +42,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import logging  # noqa: E402
+
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from datagen.pipeline import process_shard  # noqa: E402
+from datagen.settings import RunConfig  # noqa: E402
+from datagen.shard_files import write_tables  # noqa: E402
+from datagen.sources import get_source  # noqa: E402
+from datagen.teacher import OracleTeacher  # noqa: E402
+from shared.camera import make_K  # noqa: E402
+from shared.shard import Sample, ShardWriter, validate_shard  # noqa: E402
+from trainer import checkpoint as ckpt  # noqa: E402
+from trainer.train import TrainConfig, train  # noqa: E402
 
 
 class Failed(AssertionError):
@@ -82,18 +96,12 @@ def datagen_cmd(out: Path, n: int, shard: int, seed: int, size=(64, 48), workers
 
 def datagen_reference(out: Path, n: int, shard: int, seed: int, size=(64, 48)) -> Path:
     """The uninterrupted job, shard after shard in this process (the bytes do not depend on Ray)."""
-    from datagen.pipeline import RunConfig, process_shard, write_tables
-    from datagen.sources import get_source
-    from datagen.teacher import OracleTeacher
 
     job = out / "synthetic"
     job.mkdir(parents=True)
     opts = {"width": size[0], "height": size[1], "seed": seed}
     items = get_source("synthetic", None, count=n, **opts).items()
-    d = RunConfig()
-    cfg = {k: getattr(d, k) for k in ("intrinsics", "lidar", "mesh", "occlusion", "mount", "lidar_noise_m",
-                                      "lidar_dropout", "max_size", "rgb_format", "teacher_batch")}
-    cfg.update(source="synthetic", root=None, source_options=opts, seed=seed)
+    cfg = RunConfig(source="synthetic", source_options=opts, seed=seed)
     shards = [items[i:i + shard] for i in range(0, n, shard)]
     for i, chunk in enumerate(shards):
         process_shard(cfg, i, chunk, None, OracleTeacher().info(), str(job))
@@ -102,8 +110,6 @@ def datagen_reference(out: Path, n: int, shard: int, seed: int, size=(64, 48)) -
 
 
 def same_job(job: Path, ref: Path) -> None:
-    import pyarrow.parquet as pq
-
     check(not [p for p in job.iterdir() if ".tmp-" in p.name], "partial files left")
     a, b = (pq.read_table(d / "manifest.parquet").to_pylist() for d in (job, ref))
     check(a == b, f"manifest differs from the uninterrupted run ({len(a)} vs {len(b)} rows)")
@@ -114,8 +120,6 @@ def same_job(job: Path, ref: Path) -> None:
 
 
 def scenario_datagen_kills(tmp: Path, rng: np.random.Generator, kills: int = 4) -> dict:
-    from shared.shard import validate_shard
-
     n, shard, seed = 60, 2, 7
     ref = datagen_reference(tmp / "ref", n, shard, seed)
     out, job, log = tmp / "killed", tmp / "killed" / "synthetic", tmp / "killed.log"
@@ -149,8 +153,6 @@ def scenario_datagen_kills(tmp: Path, rng: np.random.Generator, kills: int = 4) 
 
 
 def scenario_ray_worker_kill(tmp: Path, rng: np.random.Generator, kills: int = 2) -> dict:
-    import pyarrow.parquet as pq
-
     n, shard, seed, size = 48, 4, 3, (160, 96)  # shard tasks of about a second: there is time to aim
     ref = datagen_reference(tmp / "ref", n, shard, seed, size)
     out, log = tmp / "out", tmp / "ray.log"
@@ -201,9 +203,9 @@ def scenario_ray_worker_kill(tmp: Path, rng: np.random.Generator, kills: int = 2
 
 TRAIN_CHILD = r"""
 import json, os, sys, time
-from trainer import checkpoint as ckpt
+from shared import fsutil
 from trainer.train import TrainConfig, train
-real, prefix, nth = ckpt._write_all, sys.argv[2], int(sys.argv[3])
+real, prefix, nth = fsutil._write_all, sys.argv[2], int(sys.argv[3])
 seen = [0]
 def half_then_wait(f, data, chunk=1 << 22):
     hit = os.path.basename(f.name).startswith(prefix)
@@ -215,15 +217,12 @@ def half_then_wait(f, data, chunk=1 << 22):
         time.sleep(600)
     real(f, data, chunk)
 if prefix:
-    ckpt._write_all = half_then_wait
+    fsutil._write_all = half_then_wait
 train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
 
 def write_train_shards(root: Path, n_shards: int, per_shard: int, hw=(64, 96)) -> None:
-    from shared.camera import make_K
-    from shared.shard import Sample, ShardWriter
-
     rng = np.random.default_rng(0)
     h, w = hw
     root.mkdir(parents=True, exist_ok=True)
@@ -238,8 +237,6 @@ def write_train_shards(root: Path, n_shards: int, per_shard: int, hw=(64, 96)) -
 
 
 def train_config(shards: Path, out: Path, **kw):
-    from trainer.train import TrainConfig
-
     base = dict(shards=str(shards), model="tiny", steps=12, batch_size=2, crop="32x64", workers=0, lr=3e-3,
                 seed=5, shuffle_buffer=4, ema_decay=0.9, log_every=1, ckpt_every=2, keep=50, progress=False,
                 out=str(out), threads=1)
@@ -247,18 +244,12 @@ def train_config(shards: Path, out: Path, **kw):
 
 
 def ckpt_weights(path) -> dict:
-    from trainer import checkpoint as ckpt
-
     model, _ = ckpt.read_checkpoint(path, "model")
     ema, _ = ckpt.read_checkpoint(path, "ema")
     return {**{f"model.{k}": v for k, v in model.items()}, **{f"ema.{k}": v for k, v in ema.items()}}
 
 
 def assert_resumes_exactly(cfg, want: dict) -> None:
-    import torch
-
-    from trainer import checkpoint as ckpt
-    from trainer.train import train
 
     latest = ckpt.latest_checkpoint(cfg.out)
     if latest is not None:  # whatever the kill hit, the checkpoint of record loads completely
@@ -273,8 +264,6 @@ def assert_resumes_exactly(cfg, want: dict) -> None:
 
 
 def scenario_trainer_ckpt_kill(tmp: Path, rng: np.random.Generator, random_kills: int = 6) -> dict:
-    from trainer.train import train
-
     shards = tmp / "s"
     write_train_shards(shards, 3, 2)
     straight = train(train_config(shards, tmp / "straight"))
@@ -295,7 +284,6 @@ def scenario_trainer_ckpt_kill(tmp: Path, rng: np.random.Generator, random_kills
         proc.kill()
         proc.wait()
         check(lines and lines[-1].startswith("IN_WRITE"), f"{which}: child never reached the write")
-        from trainer import checkpoint as ckpt
 
         check(ckpt.latest_checkpoint(cfg.out).name == "ckpt-0000002.safetensors", f"{which}: latest moved")
         assert_resumes_exactly(cfg, want)
@@ -318,7 +306,6 @@ def scenario_trainer_ckpt_kill(tmp: Path, rng: np.random.Generator, random_kills
         time.sleep(float(rng.uniform(0.0, 2.0)))  # a step with its checkpoint takes about 0.5 s here
         proc.kill()
         proc.wait()
-        from trainer import checkpoint as ckpt
 
         latest = ckpt.latest_checkpoint(run_dir)
         partial = sorted(p.name for p in run_dir.iterdir() if ".tmp-" in p.name and f"-{proc.pid}" in p.name)
@@ -435,8 +422,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
     results, t_all = {}, time.monotonic()
     for name in args.only.split(","):

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def child(spec: str) -> None:
     """Run one job in this process and print its summary as JSON (the parent measures memory)."""
-    from datagen.pipeline import RunConfig, run
+    from datagen.pipeline import run
+    from datagen.settings import RunConfig
 
     summary = run(RunConfig(**json.loads(spec)))
     print("SUMMARY " + json.dumps({**asdict(summary), "images_per_s": summary.images_per_s}), flush=True)
@@ -96,16 +97,14 @@ def run_job(cfg: dict) -> dict:
 def plain_loop(n: int, size: tuple[int, int], shard_size: int, out: str, part: int = 0, parts: int = 1):
     """The naive reference: the oracle job's shards one after the other in this process (with parts > 1:
     every parts-th shard, from `part`). Returns (images, start, end) in wall-clock time, after a warm-up."""
-    from datagen.pipeline import RunConfig, process_shard
+    from datagen.pipeline import process_shard
+    from datagen.settings import RunConfig
     from datagen.sources import get_source
     from datagen.teacher import OracleTeacher
 
     opts = {"width": size[0], "height": size[1], "seed": 0}
     items = get_source("synthetic", None, count=n, **opts).items()
-    d = RunConfig()
-    cfg = {k: getattr(d, k) for k in ("intrinsics", "seed", "lidar", "mesh", "occlusion", "mount", "lidar_noise_m",
-                                      "lidar_dropout", "max_size", "rgb_format", "teacher_batch")}
-    cfg.update(source="synthetic", root=None, source_options=opts)
+    cfg = RunConfig(source="synthetic", source_options=opts)
     Path(out, "warm").mkdir(parents=True, exist_ok=True)
     process_shard(cfg, 10**6 + part, items[:1], None, OracleTeacher().info(), str(Path(out, "warm")))  # imports
     t0, done = time.time(), 0
@@ -246,9 +245,10 @@ def real_size_run(tmp: Path, reps: int) -> dict:
     from datagen.camera import sample_intrinsics
     from datagen.disparity import disparity_to_depth
     from datagen.lidar import simulate_sparse_depth
-    from datagen.pipeline import RunConfig
+    from datagen.oracle import oracle_teacher
+    from datagen.settings import RunConfig
     from datagen.sources.base import load_rgb
-    from datagen.synthetic import oracle_teacher, render_scene
+    from datagen.synthetic import render_scene
     from datagen.teacher import DepthTeacher
     from shared.shard import Sample, decode_sample, encode_sample
 

@@ -27,6 +27,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,7 +43,8 @@ import numpy as np  # noqa: E402
 
 from datagen.heightfield import grid_surface  # noqa: E402
 from datagen.hidden import hidden_layer  # noqa: E402
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
+from datagen.lidar import KITTI_MOUNT, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
+from datagen.lidar_patterns import LIDAR_PRESETS  # noqa: E402
 from datagen.mesh import grid_mesh, poisson_mesh  # noqa: E402
 from datagen.synthetic import default_K, render_scene  # noqa: E402
 from shared.camera import make_K  # noqa: E402
@@ -184,8 +186,6 @@ def main() -> None:
           + "; ".join(f"{k} {100 * m:.2f}% (min {100 * lo:.2f}%, max {100 * hi:.2f}%)" for k, (m, lo, hi) in dens.items())
           + "; real KITTI raw: ~4-6%")
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"ms_per_image": results, "scenes": n_scenes, "poisson_scenes": n_poisson, "ratios": ratios,
                        "first_call_ms": first, "kitti_density": {k: {"mean": m, "min": lo, "max": hi, "scenes": n_density}

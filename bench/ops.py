@@ -18,6 +18,7 @@ Prints a Markdown table:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -225,8 +226,6 @@ def main():
     print("\nratio: 4-NN rows, speed-up over the exhaustive search (its time / the row's); local_conv rows, time vs "
           "the naive autograd loop; forward rows, time vs the first preset.")
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "repeats": args.repeats, "rows": [{"what": w, "size": sz, "seconds": t, "ratio": r}

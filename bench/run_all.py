@@ -28,6 +28,7 @@ A script that fails or runs past its time limit is recorded as such; the others 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -154,8 +155,6 @@ def md_teacher(d: dict, device: str) -> str:
                    "vs unbatched (batch 1)"], rows)
             + f"\n\n{d['images']} images of {d['size']}, {d['threads']} CPU threads ({device}).")
     if d.get("actor"):  # the teacher actor's CPU per image outside the forward pass, before / after
-        import importlib.util
-
         spec = importlib.util.spec_from_file_location("bench_teacher", HERE / "teacher.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -34,10 +34,12 @@ import numpy as np  # noqa: E402
 from datagen.fidelity import scan_fidelity, scan_ranges, scan_ray_set  # noqa: E402
 from datagen.heightfield import grid_surface  # noqa: E402
 from datagen.hidden import hidden_layer  # noqa: E402
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, Mount, sample_mount  # noqa: E402
+from datagen.lidar import KITTI_MOUNT, Mount, sample_mount  # noqa: E402
+from datagen.lidar_patterns import LIDAR_PRESETS  # noqa: E402
 from datagen.mesh import poisson_mesh  # noqa: E402
 from datagen.sources.synthetic import DEFAULT_SIZE  # noqa: E402
 from datagen.synthetic import render_scene  # noqa: E402
+from shared.camera import project  # noqa: E402
 
 PATHS = ("grid", "grid + hidden", "poisson")
 MOUNTS = ("none", "kitti", "random")
@@ -116,8 +118,6 @@ def figure(keeps: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from shared.camera import project
 
     def points(k, r):
         rays = k["rays"]

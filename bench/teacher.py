@@ -20,16 +20,19 @@ actor only runs the network (`DepthTeacher.run`). Goal: <= 2 ms per image in the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark must never download
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datagen.teacher import DepthTeacher, TeacherFeed, TeacherUnavailable, _cached_snapshot  # noqa: E402
@@ -87,7 +90,6 @@ def bench_one(name: str, spec: str, images, device: str | None, batch: int, with
 
     paths = {}
     if with_pipeline:
-        from PIL import Image
         from transformers import AutoImageProcessor, pipeline
 
         processor = AutoImageProcessor.from_pretrained(spec)
@@ -120,8 +122,6 @@ def photos(sizes: list[tuple[int, int]], n: int) -> dict[tuple[int, int], list[n
 def legacy_actor(processor, model, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
     """The teacher actor before the split (the reference): transformers' processor on every image, batches
     per tensor size, transformers' post-processing (upsampling to the image) in the actor."""
-    from types import SimpleNamespace
-
     out: list = [None] * len(images)
     pending: dict[tuple, list] = {}
 
@@ -260,8 +260,6 @@ def main() -> None:
         actor = actor_overhead(sizes, n=args.n, batch=min(args.batch, 4), reps=args.reps)
         print(format_overhead(actor, args.n))
     if args.json:
-        import json
-
         keys = ("model", "device", "dtype", "path", "images_per_s", "median", "vs_batch_1")
         with open(args.json, "w") as f:
             json.dump({"images": args.n, "size": args.size, "reps": args.reps, "threads": threads,

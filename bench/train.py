@@ -24,8 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from shared.camera import make_K  # noqa: E402
+from shared.shard import Sample, ShardWriter  # noqa: E402
+from trainer.data import DataConfig, make_loader  # noqa: E402
+from trainer.losses import pretrain_loss  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+from trainer.train import param_groups  # noqa: E402
 
 # (model, batch, timed iterations): the full bpnet takes tens of seconds a step on a CPU
 MODELS = [("tiny", 2, 5), ("bpnet-s", 2, 3), ("bpnet", 1, 1)]
@@ -41,12 +51,6 @@ def rss_mib() -> float:
 
 def bench_model(name: str, batch: int, iters: int, hw: tuple[int, int], device: str) -> dict:
     """Runs inside the child process."""
-    import torch
-
-    from trainer.losses import pretrain_loss
-    from trainer.model import build_model
-    from trainer.train import param_groups
-
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_model(name).to(dev).train()
@@ -93,11 +97,6 @@ def bench_model(name: str, batch: int, iters: int, hw: tuple[int, int], device: 
 
 
 def write_bench_shards(root: Path, n_shards: int, per_shard: int, hw: tuple[int, int]) -> None:
-    import numpy as np
-
-    from shared.camera import make_K
-    from shared.shard import Sample, ShardWriter
-
     rng = np.random.default_rng(0)
     h, w = hw
     for s in range(n_shards):
@@ -112,8 +111,6 @@ def write_bench_shards(root: Path, n_shards: int, per_shard: int, hw: tuple[int,
 
 
 def bench_loader(hw: tuple[int, int], workers_list=(0, 1, 2), batches: int = 12, batch: int = 4) -> list[dict]:
-    from trainer.data import DataConfig, make_loader
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_shards(Path(tmp), 4, 16, (hw[0] + 32, hw[1] + 64))  # a bit larger: real random crops
@@ -144,8 +141,6 @@ def main() -> None:
     args = ap.parse_args()
     hw = tuple(int(x) for x in args.hw.lower().split("x"))
     if args.child:  # one model, in this fresh process
-        import torch
-
         if args.threads:
             torch.set_num_threads(args.threads)
         name, batch, iters = args.child.split(",")

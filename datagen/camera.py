@@ -1,8 +1,8 @@
-"""Camera intrinsics for data generation: random K from a documented distribution, resize and crop.
+"""Camera intrinsics for data generation: random K from a documented distribution, and resizing with K.
 
-The pinhole helpers themselves live in shared.camera (the trainer needs them too) and are re-exported
-here so datagen code has one place to import from. Conventions: x right, y down, z forward; pixel
-(u, v) has its centre at integer (u, v); K is 3x3 float64.
+The pinhole helpers (make_K, scale_K, crop_K, backproject, project, ...) and the conventions live in
+shared.camera, which the trainer uses too: x right, y down, z forward; pixel (u, v) has its centre at
+integer (u, v); K is 3x3 float64.
 
 Why random intrinsics at all: the pseudo-labelled images (COCO, Landmarks, ...) come without
 calibration, and the completion network back-projects with K, so pre-training must see the spread of
@@ -17,13 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from shared.camera import as_K, backproject, crop_K, flip_K, make_K, pixel_grid, project, scale_K
-
-__all__ = [
-    "as_K", "backproject", "crop_K", "flip_K", "make_K", "pixel_grid", "project", "scale_K",
-    "IntrinsicsDistribution", "INTRINSICS_PRESETS", "sample_intrinsics", "hfov_deg", "vfov_deg",
-    "fx_from_hfov", "resize_image_and_K", "crop_image_and_K",
-]
+from shared.camera import as_K, make_K, scale_K
 
 
 @dataclass(frozen=True)
@@ -65,10 +59,6 @@ def hfov_deg(K: np.ndarray, width: int) -> float:
     return math.degrees(2.0 * math.atan((width / 2.0) / as_K(K)[0, 0]))
 
 
-def vfov_deg(K: np.ndarray, height: int) -> float:
-    return math.degrees(2.0 * math.atan((height / 2.0) / as_K(K)[1, 1]))
-
-
 def sample_intrinsics(width: int, height: int, rng: np.random.Generator,
                       dist: str | IntrinsicsDistribution = "any") -> np.ndarray:
     """Draw a K for an image of this size. Draw order is fixed (hfov, aspect, cx, cy): same rng, same K."""
@@ -106,11 +96,3 @@ def resize_image_and_K(image: np.ndarray, K: np.ndarray, width: int, height: int
         out = out.astype(image.dtype, copy=False)
     return out, scale_K(K, width / w0, height / h0)
 
-
-def crop_image_and_K(image: np.ndarray, K: np.ndarray, top: int, left: int, height: int,
-                     width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crop image[top:top + height, left:left + width] and update K."""
-    h0, w0 = image.shape[:2]
-    if top < 0 or left < 0 or top + height > h0 or left + width > w0:
-        raise ValueError(f"crop ({top}, {left}, {height}, {width}) outside image {h0} x {w0}")
-    return image[top:top + height, left:left + width].copy(), crop_K(K, top, left)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import typer
 
 from datagen.lidar_cli import lidar_app
+from datagen.pipeline import run as run_job
+from datagen.settings import ConfigError, PipelineError, RunConfig
+from datagen.sources.base import LayoutError
+from datagen.teacher import TeacherUnavailable
+from datagen.teacher_zoo import format_table
+from shared.inspect import format_summary, summarize
+from shared.inspect import preview as write_preview
+from shared.storage import StorageError, join
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(lidar_app, name="lidar", help="Scan patterns: fit one from your own scans, show one.")
@@ -27,12 +37,6 @@ def inspect(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON."),
 ) -> None:
     """Sample count, members, value ranges, LiDAR density and K of shards; optional preview."""
-    import json
-
-    from shared.inspect import format_summary, summarize
-    from shared.inspect import preview as write_preview
-    from shared.storage import StorageError
-
     try:
         summary, kept = summarize(path, limit=limit, keep=samples if preview else 0)
     except (FileNotFoundError, StorageError) as exc:
@@ -115,13 +119,6 @@ def run(
     progress: str = typer.Option("auto", help="auto, bar, log or none."),
 ) -> None:
     """Turn a data set into shards: teacher, pseudo depth, random K, simulated LiDAR. Resumable."""
-    import logging
-
-    from datagen.pipeline import ConfigError, PipelineError, RunConfig
-    from datagen.pipeline import run as run_job
-    from datagen.sources.base import LayoutError
-    from datagen.teacher import TeacherUnavailable
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = dict(labelled=labelled, gt=gt, family=family, width=width, height=height)
     options.update(_parse_option(o) for o in option)
@@ -144,16 +141,12 @@ def run(
         raise typer.Exit(1) from exc
     typer.echo(summary.format())
     if summary.failed:
-        from shared.storage import join
-
         typer.echo(f"failures are listed in {join(summary.out_dir, 'failures.parquet')}")
 
 
 @app.command()
 def teachers() -> None:
     """The depth models datagen knows: output kind, licence as published, size, example checkpoints."""
-    from datagen.teacher_zoo import format_table
-
     typer.echo(format_table())
 
 

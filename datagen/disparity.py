@@ -56,8 +56,11 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def sample_near_far(rng: np.random.Generator, scene: str | DepthRange = "any") -> tuple[float, float, str]:
-    """Draw (near_m, far_m, scene type). Draw order is fixed: [type,] near, far."""
+def sample_near_far(rng: np.random.Generator, scene: str | DepthRange = "any", near_m: float | None = None,
+                    far_m: float | None = None) -> tuple[float, float, str]:
+    """Draw (near_m, far_m, scene type). Draw order is fixed: [type,] near, far. near_m / far_m, when given,
+    replace the drawn value (the draws still happen, so the rng moves on as without them); the result must
+    have 0 < near < far."""
     if isinstance(scene, DepthRange):
         rngs, name = scene, "custom"
     else:
@@ -68,8 +71,12 @@ def sample_near_far(rng: np.random.Generator, scene: str | DepthRange = "any") -
             i = int(rng.integers(len(rngs)))
             rngs, name = rngs[i], ("outdoor", "indoor")[i]
     near = _log_uniform(rng, *rngs.near_m)
-    far = _log_uniform(rng, *rngs.far_m)
-    return near, max(far, near * 1.5), name
+    far = max(_log_uniform(rng, *rngs.far_m), near * 1.5)
+    near = near if near_m is None else float(near_m)
+    far = far if far_m is None else float(far_m)
+    if not 0 < near < far:
+        raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+    return near, far, name
 
 
 def disparity_to_depth(disp: np.ndarray, rng: np.random.Generator, scene: str | DepthRange = "any",
@@ -89,11 +96,7 @@ def disparity_to_depth(disp: np.ndarray, rng: np.random.Generator, scene: str | 
     disp = np.asarray(disp, dtype=np.float64)
     if disp.ndim != 2:
         raise ValueError(f"disparity must be H x W, got shape {disp.shape}")
-    near, far, name = sample_near_far(rng, scene)
-    near = near if near_m is None else float(near_m)
-    far = far if far_m is None else float(far_m)
-    if not 0 < near < far:
-        raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+    near, far, name = sample_near_far(rng, scene, near_m, far_m)
 
     finite = np.isfinite(disp)
     depth = np.zeros(disp.shape, np.float32)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from datagen.heightfield import GridSurface, cast_surface
-from datagen.lidar import LidarPattern, Mount, _cast_o3d, scan_window
+from datagen.lidar import Mount, _cast_o3d, scan_window
+from datagen.lidar_patterns import LidarPattern
 from datagen.mesh import Mesh
 from shared.camera import as_K, project
 

@@ -30,11 +30,11 @@ Agreement with Open3D on the same mesh (tests/datagen/test_heightfield.py): hit 
 within float rounding of a triangle edge, where either answer is right (none in 320,000 random rays).
 
 Compiled with numba because the walk stops at the first hit, which vectorised numpy cannot: a numpy
-form would test every block of every clipped segment (3.2 million for hdl64 at 640 x 480; its
-triangle tests alone took 3.2 s against 12.5 ms for this whole cast). With cache=True the first call
-in a fresh process without a cache compiles for about 2.5 s on one core; later processes load the
-cached machine code from __pycache__ (or NUMBA_CACHE_DIR) in about 0.2 s. The pipeline's warm-up
-task (datagen.pipeline.warm_up) makes that call while the teacher loads.
+form would test every block of every clipped segment (millions for hdl64 at 640 x 480). With
+cache=True the first call in a fresh process without a cache compiles the functions; later processes
+load the cached machine code from __pycache__ (or NUMBA_CACHE_DIR). The pipeline's warm-up task
+(datagen.pipeline.warm_up) makes that call while the teacher loads. Measured times of both:
+docs/own_sensor.md, "Ray casting: a height-field walk".
 """
 
 from __future__ import annotations
@@ -159,6 +159,34 @@ def _corner(z, us, vs, layer, i, j):
     return np.float64(us[j] * zz), np.float64(vs[i] * zz), np.float64(zz)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _axis_steps(cell: int, x0: float, dx: float) -> tuple[int, float, float]:
+    """The walk along one image axis from x0 in `cell`, x moving by dx over the segment: the cell step
+    (+1, -1 or 0), the segment fraction at the next cell border, and the fraction between borders."""
+    if dx > 0.0:
+        return 1, (cell + 1 - x0) / dx, 1.0 / dx
+    if dx < 0.0:
+        return -1, (cell - x0) / dx, -1.0 / dx
+    return 0, np.inf, np.inf
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _triangle_corners(z, us, vs, layer, i, j, f, k):
+    """Corners (a, b, q) of triangle k (0 or 1) of block (i, j) of a layer, whose flags f say along which
+    diagonal grid_faces cut the block: ax, ay, az, bx, by, bz, qx, qy, qz."""
+    cr = (0, 0, 1, 1)  # block corners 00, 01, 10, 11 as (row, column) offsets
+    cc = (0, 1, 0, 1)
+    diag_b = (f & 4) != 0
+    if k == 0:
+        ca, cb, cq = 0, 2, (1 if diag_b else 3)
+    else:
+        ca, cb, cq = 3, 1, (2 if diag_b else 0)
+    ax, ay, az = _corner(z, us, vs, layer, i + cr[ca], j + cc[ca])
+    bx, by, bz = _corner(z, us, vs, layer, i + cr[cb], j + cc[cb])
+    qx, qy, qz = _corner(z, us, vs, layer, i + cr[cq], j + cc[cq])
+    return ax, ay, az, bx, by, bz, qx, qy, qz
+
+
 @njit(cache=True, nogil=True)
 def _cast(z, flags, us, vs, fx, fy, cx, cy, zlo, zhi, o, dirs, t_max, t_out, n_out):
     L, h, w = z.shape
@@ -185,18 +213,8 @@ def _cast(z, flags, us, vs, fx, fy, cx, cy, zlo, zhi, o, dirs, t_max, t_out, n_o
         du, dv = u1 - u0, v1 - v0
         j = min(max(int(math.floor(u0)), 0), w - 2)
         i = min(max(int(math.floor(v0)), 0), h - 2)
-        if du > 0.0:
-            sj, next_j, step_j = 1, (j + 1 - u0) / du, 1.0 / du
-        elif du < 0.0:
-            sj, next_j, step_j = -1, (j - u0) / du, -1.0 / du
-        else:
-            sj, next_j, step_j = 0, np.inf, np.inf
-        if dv > 0.0:
-            si, next_i, step_i = 1, (i + 1 - v0) / dv, 1.0 / dv
-        elif dv < 0.0:
-            si, next_i, step_i = -1, (i - v0) / dv, -1.0 / dv
-        else:
-            si, next_i, step_i = 0, np.inf, np.inf
+        sj, next_j, step_j = _axis_steps(j, u0, du)
+        si, next_i, step_i = _axis_steps(i, v0, dv)
         s_in = 0.0
         best, bl, bi, bj, bk = np.inf, -1, 0, 0, 0
         extra = -1
@@ -218,17 +236,10 @@ def _cast(z, flags, us, vs, fx, fy, cx, cy, zlo, zhi, o, dirs, t_max, t_out, n_o
                         zmax = max(zmax, zc)
                 if z_far < zmin * (1.0 - 1e-5) or z_near > zmax * (1.0 + 1e-5):
                     continue
-                diag_b = (f & 4) != 0
                 for k in range(2):
                     if f & (1 << k) == 0:
                         continue
-                    if k == 0:
-                        ca, cb, cq = 0, 2, (1 if diag_b else 3)
-                    else:
-                        ca, cb, cq = 3, 1, (2 if diag_b else 0)
-                    ax, ay, az = _corner(z, us, vs, layer, i + cr[ca], j + cc[ca])
-                    bx, by, bz = _corner(z, us, vs, layer, i + cr[cb], j + cc[cb])
-                    qx, qy, qz = _corner(z, us, vs, layer, i + cr[cq], j + cc[cq])
+                    ax, ay, az, bx, by, bz, qx, qy, qz = _triangle_corners(z, us, vs, layer, i, j, f, k)
                     tt = _triangle(ax, ay, az, bx, by, bz, qx, qy, qz, ox, oy, oz, dx, dy, dz)
                     if tt < best:
                         best, bl, bi, bj, bk = tt, layer, i, j, k
@@ -251,15 +262,7 @@ def _cast(z, flags, us, vs, fx, fy, cx, cy, zlo, zhi, o, dirs, t_max, t_out, n_o
         if best <= t_max:
             t_out[r] = best
             # the normal of the triangle hit, facing the ray
-            f = flags[bl, bi, bj]
-            diag_b = (f & 4) != 0
-            if bk == 0:
-                ca, cb, cq = 0, 2, (1 if diag_b else 3)
-            else:
-                ca, cb, cq = 3, 1, (2 if diag_b else 0)
-            ax, ay, az = _corner(z, us, vs, bl, bi + cr[ca], bj + cc[ca])
-            bx, by, bz = _corner(z, us, vs, bl, bi + cr[cb], bj + cc[cb])
-            qx, qy, qz = _corner(z, us, vs, bl, bi + cr[cq], bj + cc[cq])
+            ax, ay, az, bx, by, bz, qx, qy, qz = _triangle_corners(z, us, vs, bl, bi, bj, flags[bl, bi, bj], bk)
             e1x, e1y, e1z = bx - ax, by - ay, bz - az
             e2x, e2y, e2z = qx - ax, qy - ay, qz - az
             nx, ny, nz = e1y * e2z - e1z * e2y, e1z * e2x - e1x * e2z, e1x * e2y - e1y * e2x

@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from datagen.lidar import simulate_sparse_depth
+from datagen.lidar_fit import fit_pattern, format_report, read_intrinsics, read_pose, read_sparse_dir
+from datagen.lidar_patterns import azimuth_deg, elevation_deg, get_pattern, save_pattern
+from datagen.mesh import Mesh
+from datagen.synthetic import default_K, render_scene
+
 lidar_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -23,11 +29,6 @@ def show_pattern(spec: str, out: str, *, intrinsics: str | None = None, width: i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from datagen.lidar import _azimuth_deg, _elevation_deg, get_pattern, simulate_sparse_depth
-    from datagen.lidar_fit import read_intrinsics
-    from datagen.mesh import Mesh
-    from datagen.synthetic import default_K, render_scene
 
     rng = np.random.default_rng(seed)
     pat = get_pattern(spec, rng)
@@ -49,7 +50,7 @@ def show_pattern(spec: str, out: str, *, intrinsics: str | None = None, width: i
     else:
         d = pat.directions
     sub = np.random.default_rng(0).permutation(len(d))[:60000]  # a scatter of more points shows nothing more
-    az, el = _azimuth_deg(d[sub]), _elevation_deg(d[sub])
+    az, el = azimuth_deg(d[sub]), elevation_deg(d[sub])
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [1, 1.6]})
     a0.scatter(az, el, s=0.3, c="k", marker=".", linewidths=0)
     a0.set(xlabel="azimuth (deg, + = right)", ylabel="elevation (deg, + = up)",
@@ -86,9 +87,6 @@ def fit(
     max_rings: int = typer.Option(256, help="More rings than this means not a spinning sensor."),
 ) -> None:
     """Estimate ring elevations and azimuth step (or a direction density) from real projected scans."""
-    from datagen.lidar import save_pattern
-    from datagen.lidar_fit import fit_pattern, format_report, read_intrinsics, read_pose, read_sparse_dir
-
     try:
         maps = read_sparse_dir(sparse, limit)
         K = read_intrinsics(intrinsics)

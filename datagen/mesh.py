@@ -11,8 +11,7 @@ Two methods, both returning a Mesh in camera coordinates (x right, y down, z for
   Note the two criteria measure nearly the same thing: a face spanning one pixel with relative depth
   change r per pixel is seen at a grazing angle of about atan(r * f) (f = focal length in pixels).
   So at f ~ 700 a 10% jump is ~89.2 deg. The grazing limit also decides where a level ground plane
-  at camera height h ends: z = h * tan(limit); 85 deg cut KITTI-like ground at 19 m and the simulated
-  hdl64 density to 4.0% (exact mesh: 4.5%); the default 88 deg keeps ground to 47 m (density 4.4%).
+  at camera height h ends: z = h * tan(limit) (what the default keeps: docs/pipeline.md, "Mesh").
   A grid mesh holds only what the camera saw, so a LiDAR mounted away from the camera finds holes
   (no return) behind foreground edges, never the hidden background a real scan shows there; the
   hidden-geometry layer (datagen.hidden) is a guess of that background, meshed by the same rules.

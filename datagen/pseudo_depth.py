@@ -36,11 +36,7 @@ def relative_depth_to_depth(rel: np.ndarray, rng: np.random.Generator, scene: st
     rel = np.asarray(rel, dtype=np.float64)
     if rel.ndim != 2:
         raise ValueError(f"relative depth must be H x W, got shape {rel.shape}")
-    near, far, name = sample_near_far(rng, scene)
-    near = near if near_m is None else float(near_m)
-    far = far if far_m is None else float(far_m)
-    if not 0 < near < far:
-        raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+    near, far, name = sample_near_far(rng, scene, near_m, far_m)
     valid = np.isfinite(rel)
     depth = np.zeros(rel.shape, np.float32)
     info = {"scene": name, "near_m": near, "far_m": far, "map_min": None, "map_max": None, "valid_fraction": 0.0}

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, LidarPattern, Mount, project_scan, simulate_scan
+from datagen.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
+from datagen.lidar_patterns import LIDAR_PRESETS, LidarPattern
 from datagen.mesh import Mesh
 
 KITTI_FX_PX = 721.5377          # KITTI raw colour camera 2 (P_rect_02), 1242 px wide frames

@@ -36,11 +36,16 @@ half the edge beams. The dropout strengths are set so that about 10% of the idea
 the synthetic KITTI-like street scenes (exact world, KITTI mount), mostly on grazing ground and dark
 surfaces: a real HDL-64E at 10 Hz returns about 120k points of ~133k firings, sky included. Plausible
 numbers, not a fit to real scans.
+
+`get_sensor(spec)` reads `--sensor`: a preset, PRESET:key=value,..., or a JSON file (docs/own_sensor.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,3 +182,65 @@ def mixed_ranges(centre_m: np.ndarray, rim_m: np.ndarray) -> tuple[np.ndarray, n
     straddle = hit[:, 0] & (hi > lo * (1.0 + MIXED_EDGE_REL))
     mean = np.where(hit, allr, 0.0).sum(1) / np.maximum(hit.sum(1), 1)
     return straddle, mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# Specs: what --sensor (and --lidar's key=value parts and pattern files) are made of
+
+
+def get_sensor(spec: str | dict | SensorModel | None) -> SensorModel:
+    """A SensorModel from a preset name ('ideal', 'realistic'), a preset with overrides
+    ('realistic:mixed_returns=0,dark_dropout=0.1'), overrides of 'ideal' alone ('noise_rel=0.001'), a dict
+    (SensorModel.to_dict), a JSON file holding such a dict (or a pattern file with a "sensor" entry), or None
+    (ideal)."""
+    if spec is None:
+        return SENSOR_PRESETS["ideal"]
+    if isinstance(spec, SensorModel):
+        return spec
+    if isinstance(spec, dict):
+        return SensorModel.from_dict(spec)
+    spec = spec.strip()
+    if spec.lower().endswith(".json"):
+        if not os.path.isfile(spec):
+            raise ValueError(f"sensor file {spec!r} not found")
+        st = os.stat(spec)
+        d = read_json(os.path.abspath(spec), st.st_mtime_ns, st.st_size)
+        return get_sensor(d["sensor"] if "sensor" in d else d)
+    name, _, body = spec.partition(":")
+    if "=" in name:  # overrides of the ideal sensor
+        name, body = "ideal", spec
+    if name not in SENSOR_PRESETS:
+        raise ValueError(f"unknown sensor {name!r}: use {sorted(SENSOR_PRESETS)}, PRESET:key=value,... or a .json file")
+    base = SENSOR_PRESETS[name]
+    keys = {f for f in base.to_dict() if f != "name"}
+    kv = parse_kv(body, keys, "sensor")
+    if not kv:
+        return base
+    try:
+        over = {k: float(v) for k, v in kv.items()}
+    except ValueError as exc:
+        raise ValueError(f"sensor {spec!r}: values must be numbers ({exc})") from exc
+    return SensorModel.from_dict({**base.to_dict(), **over, "name": spec})
+
+
+def parse_kv(body: str, allowed: set[str], what: str) -> dict[str, str]:
+    """'a=1,b=x' -> {"a": "1", "b": "x"}; a part without '=' or a key outside `allowed` is a ValueError
+    naming `what` (the spec being read: "sensor", "livox lidar", ...)."""
+    kv = {}
+    for part in filter(None, body.split(",")):
+        if "=" not in part:
+            raise ValueError(f"{what}: expected key=value, got {part!r}")
+        k, v = part.split("=", 1)
+        kv[k.strip()] = v.strip()
+    unknown = set(kv) - allowed
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {sorted(unknown)} (use {', '.join(sorted(allowed))})")
+    return kv
+
+
+@functools.lru_cache(maxsize=8)
+def read_json(path: str, mtime_ns: int, size: int) -> dict:
+    """The JSON of a sensor or pattern file, parsed once per version of the file (its mtime and size are
+    part of the key): the pipeline asks for the pattern and the sensor once per sample."""
+    with open(path) as f:
+        return json.load(f)

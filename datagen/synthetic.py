@@ -40,10 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datagen.lidar import rotation_from_rotvec
 from datagen.mesh import Mesh
-from datagen.oracle import oracle_teacher  # noqa: F401  (the world's teacher: datagen.teacher.OracleTeacher calls it)
-from shared.camera import as_K, make_K
+from shared.camera import as_K, make_K, rotation_from_rotvec
 
 FAMILIES = ("street", "room", "nature", "tabletop")
 # Farthest surface of each family's world, and the depth cap of its evaluation: KITTI's 80 m outdoors, NYUv2's

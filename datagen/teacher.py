@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from datagen.oracle import oracle_teacher
+from datagen.teacher_prep import load_transforms, transforms_from_spec
+from datagen.teacher_zoo import head_max_depth, output_kind, teacher_license
+from datagen.tiny_teachers import save as save_tiny_teacher
+
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"  # the paper's; -Small-hf / -Base-hf work too
 ORACLE = "oracle"
 
@@ -157,8 +162,6 @@ def teacher_profile(spec: str, output: str | None = None, config=None) -> dict:
     `spec` is what resolve_teacher returned. Reads config.json (never remote code, never the network when
     the weights are cached); raises TeacherOutputUnknown when the kind cannot be told.
     """
-    from datagen.teacher_zoo import head_max_depth, output_kind, teacher_license
-
     if spec == ORACLE:
         return {"model_type": ORACLE, "output": "disparity", "output_source": "oracle", "ceiling_m": None,
                 "license": {"license": "n/a", "source": "the synthetic world's own teacher", "non_commercial": False}}
@@ -207,8 +210,6 @@ class TeacherFeed:
     """
 
     def __init__(self, info: dict, batch_size: int = 8):
-        from datagen.teacher_prep import transforms_from_spec
-
         self.transforms = transforms_from_spec(info["transforms"])
         self.on_device = accelerated(info["device"])
         self.batch_size = max(1, int(batch_size))
@@ -263,8 +264,6 @@ class DepthTeacher:
                  output: str | None = None):
         import torch
         from transformers import AutoModelForDepthEstimation
-
-        from datagen.teacher_prep import load_transforms
 
         resolved = resolve_teacher(spec)
         if resolved == ORACLE:
@@ -345,8 +344,6 @@ class OracleTeacher:
 
     def predict_from_depth(self, depth_m: np.ndarray, rng: np.random.Generator, **scene) -> np.ndarray:
         """scene: rgb, object_id, family of the synthetic scene (see datagen.oracle.oracle_teacher)."""
-        from datagen.synthetic import oracle_teacher  # lazy: the synthetic world is not needed for real data
-
         return oracle_teacher(depth_m, rng, **scene)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -372,6 +369,4 @@ def save_random_teacher(path: str | Path, seed: int = 0, arch: str = "depth_anyt
     exactly as it loads downloaded weights. `arch`: any key of datagen.tiny_teachers.ARCHS
     (depth_anything, depth_anything_metric, prompt_depth_anything, dpt, zoedepth, depth_pro, glpn).
     """
-    from datagen.tiny_teachers import save
-
-    return save(path, arch=arch, seed=seed)
+    return save_tiny_teacher(path, arch=arch, seed=seed)

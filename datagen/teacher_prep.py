@@ -22,10 +22,12 @@ the actor) and its own post-processing.
 
 from __future__ import annotations
 
+import importlib
 import math
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 
 # PIL resampling codes (as saved in preprocessor_config.json) -> torch interpolation modes
 _TORCH_MODE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -67,8 +69,6 @@ def _aspect_size(h: int, w: int, out_h: int, out_w: int, keep_aspect: bool, mult
 
 def _pil_resize(image: np.ndarray, hw: tuple[int, int], resample: int) -> np.ndarray:
     """HxWx3 uint8 -> 3xhxw uint8 with PIL, exactly as the PIL processors resize (uint8 in, uint8 out)."""
-    from PIL import Image
-
     out = Image.fromarray(image).resize((hw[1], hw[0]), resample=resample)
     return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
 
@@ -293,8 +293,6 @@ def transforms_from_spec(spec: dict) -> Transforms:
 
 def _pil_processor_settings(name: str, saved: dict) -> dict:
     """The effective settings of a PIL processor class built from the saved dict (its class defaults fill gaps)."""
-    import importlib
-
     module = {"DPT": "dpt", "PromptDepthAnything": "prompt_depth_anything", "GLPN": "glpn",
               "ZoeDepth": "zoedepth"}[name]
     mod = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -44,12 +45,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.depth import decode_depth_png  # noqa: E402
+from shared.preview import contact_sheet, depth_limits  # noqa: E402
 from shared.shard import iter_samples  # noqa: E402
+from trainer.checkpoint import latest_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -197,8 +202,6 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path) -> dict[str, l
 
 def nearest_fill(sparse: np.ndarray) -> np.ndarray:
     """Every pixel takes the depth of the nearest LiDAR point (Euclidean in pixels)."""
-    from scipy.ndimage import distance_transform_edt
-
     if not np.any(sparse > 0):
         return np.zeros_like(sparse)
     _, (iy, ix) = distance_transform_edt(sparse <= 0, return_indices=True)
@@ -306,8 +309,6 @@ def summarize(errs: dict, n_boot: int) -> dict:
 
 
 def previews(shown, dest: Path, top_rows: int) -> None:
-    from shared.preview import contact_sheet, depth_limits
-
     dest.mkdir(parents=True, exist_ok=True)
     for s, maps in shown:
         row1 = {f"{s.key}: RGB": s.rgb, "LiDAR input": ("dots", s.rgb, s.sparse), "GT (true depth)": s.gt,
@@ -345,20 +346,11 @@ def checkpoint_of(run_dir: Path | None) -> str | None:
     """The newest complete checkpoint file of a run directory (what `trainer eval --ckpt` takes)."""
     if run_dir is None:
         return None
-    latest = run_dir / "latest"
-    name = latest.read_text().strip() if latest.is_file() else None
-    if name and (run_dir / f"{name}.safetensors").is_file():
-        return str(run_dir / f"{name}.safetensors")
-    found = sorted(run_dir.glob("ckpt-*.safetensors"))
-    return str(found[-1]) if found else str(run_dir)
+    return str(latest_checkpoint(run_dir) or run_dir)
 
 
 def machine() -> dict:
     """What produced the numbers: the commit, the CPU count, torch and the device."""
-    import platform
-
-    import torch
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -19,13 +19,15 @@ Empty strings mean "not given": the Makefile passes every variable, set or not.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from datagen.sources import SOURCES, LayoutError, get_source
+from datagen.teacher import DEFAULT_TEACHER, TeacherUnavailable, resolve_teacher
+from trainer.checkpoint import latest_checkpoint, read_metadata
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,6 @@ def shard_dir(shards_root: Path, ds: Dataset, split: str) -> Path:
 
 def check_layout(ds: Dataset, root: str | None) -> None:
     """The source's own LayoutError text (which shows the tree expected) for both splits."""
-    from datagen.sources import SOURCES, LayoutError, get_source
-
     if root is None:
         layout = SOURCES[ds.source].layout
         raise Failure(f"{ds.root_var} is not set: make finetune-{ds.source} {ds.root_var}=/path/to/{ds.source}\n"
@@ -87,8 +87,6 @@ def check_layout(ds: Dataset, root: str | None) -> None:
 
 
 def check_teacher(teacher: str | None) -> str:
-    from datagen.teacher import DEFAULT_TEACHER, TeacherUnavailable, resolve_teacher
-
     teacher = teacher or DEFAULT_TEACHER
     try:
         resolve_teacher(teacher)
@@ -97,23 +95,13 @@ def check_teacher(teacher: str | None) -> str:
     return teacher
 
 
-def safetensors_metadata(path: Path) -> dict:
-    """The string metadata of a .safetensors file: an 8-byte little-endian header length, then JSON."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
-
-
 def latest_checkpoint_meta(out: Path) -> tuple[int, dict] | None:
-    """(step, train_config) of the newest checkpoint in a run directory, None when there is none."""
-    marker = out / "latest"
-    if not marker.is_file():
+    """(step, train_config) of the checkpoint `trainer --resume` would continue from, None when there is none."""
+    path = latest_checkpoint(out)
+    if path is None:
         return None
-    ckpt = out / (marker.read_text().strip() + ".safetensors")
-    if not ckpt.is_file():
-        return None
-    meta = safetensors_metadata(ckpt)
-    return int(json.loads(meta.get("step", "0"))), json.loads(meta.get("train_config", "{}"))
+    meta = read_metadata(path)
+    return int(meta.get("step", 0)), meta.get("train_config", {})
 
 
 def finished_run(out: Path, init: str | None, model: str | None, steps: str | None) -> int | None:

@@ -1,11 +1,14 @@
 """Pinhole camera helpers shared by datagen and trainer.
 
-Conventions (see DESIGN.md): camera frame x right, y down, z forward (OpenCV); pixel (u, v) has its
-centre at integer (u, v); K is a 3x3 float64 array; depth means z in metres, never range along the ray.
+Conventions, the same in datagen, the shards and the trainer: camera frame x right, y down, z forward
+(OpenCV); pixel (u, v) has its centre at integer (u, v); K is a 3x3 float64 array; depth means z in
+metres, never range along the ray.
 Every crop, resize or flip of an image must update K with the functions below.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -93,3 +96,15 @@ def project(points: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     u[bad] = np.nan
     v[bad] = np.nan
     return np.stack([u, v], axis=-1), z
+
+
+def rotation_from_rotvec(rotvec) -> np.ndarray:
+    """Rodrigues: the 3x3 rotation matrix of an axis-angle vector (radians). Camera and sensor poses: the
+    LiDAR mount relative to the camera, the synthetic world's camera."""
+    r = np.asarray(rotvec, dtype=np.float64)
+    theta = float(np.linalg.norm(r))
+    if theta < 1e-15:
+        return np.eye(3)
+    k = r / theta
+    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(theta) * Kx + (1 - math.cos(theta)) * Kx @ Kx

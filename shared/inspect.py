@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.preview import contact_sheet
 from shared.relative_depth import depth_cap_for, mean_interval, relative_depth_errors
 from shared.shard import ReadStats, Sample, iter_samples, list_shards
 
@@ -134,8 +135,6 @@ def format_summary(s: Summary) -> str:
 
 def preview(samples: list[Sample], path: str) -> None:
     """Contact sheet: RGB | teacher | dense depth | LiDAR dots over RGB | GT, one row per sample."""
-    from shared.preview import contact_sheet
-
     rows = []
     for s in samples:
         rows.append({

@@ -1,4 +1,4 @@
-"""The shard format, version 1: one WebDataset tar per N samples (see DESIGN.md and shards/README.md).
+"""The shard format, version 1: one WebDataset tar per N samples (described for users in shards/README.md).
 
 Members of a sample, all under one key:
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
 
 from shared import storage
 from shared.camera import as_K
@@ -40,7 +41,7 @@ from shared.depth import (
     encode_disparity_png,
     encode_rgb,
 )
-from shared.storage import TMP_MARK
+from shared.fsutil import TMP_MARK
 
 SCHEMA_VERSION = 1
 DEPTH_MEMBERS = ("depth", "sparse", "gt")
@@ -268,9 +269,7 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     if p.is_file():
         return [s]
     if "{" in s:
-        import braceexpand
-
-        out = list(braceexpand.braceexpand(s))
+        out = list(braceexpand(s))
         missing = [u for u in out if not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"shard pattern {s}: {len(missing)} files missing, e.g. {missing[0]}")
@@ -282,14 +281,12 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
 
 
 def _list_shard_urls(spec: str) -> list[str]:
-    import braceexpand
-
     readers = tuple(s for s in _gopen_schemes() if s != "__default__" and s not in storage.OBJECT_STORES)
     spec = storage.check(spec, "shard spec", readers=readers)  # webdataset's own: pipe:, http(s):, ...
     if not storage.is_url(spec):  # file:///...
         return list_shards(spec)
     if not storage.is_object_store(spec) or "{" in spec:
-        return list(braceexpand.braceexpand(spec))
+        return list(braceexpand(spec))
     if any(c in spec for c in "*?["):
         found = storage.glob(spec)
     elif spec.endswith(".tar") and storage.is_file(spec):
@@ -321,7 +318,7 @@ def _open_shard(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 def shard_dataset(urls: list[str], handler):
     """Plain webdataset.WebDataset over these shards, in this order: no shuffling and no splitting (the
     callers decide both). Object-store URLs are opened through shared.storage."""
-    import webdataset as wds
+    import webdataset as wds  # lazy: it imports torch, which shared (and datagen's workers) never need
 
     for scheme in storage.OBJECT_STORES:  # the gopen table is webdataset's documented hook
         _gopen_schemes()[scheme] = _open_shard

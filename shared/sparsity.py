@@ -130,7 +130,7 @@ def keypoints(rgb: np.ndarray, depth_m: np.ndarray, n: int, quality: float = KEY
     the frame as a tracker's do (VINS-Mono keeps 150 at 30 px on 752 x 480). Fewer than n come back
     from images with few corners; the achieved count is what the density reports.
     """
-    import cv2
+    import cv2  # lazy: only keypoints:N needs OpenCV (an optional dependency, 0.3 s to import)
 
     depth = np.asarray(depth_m, dtype=np.float32)
     has = np.isfinite(depth) & (depth > 0)

@@ -26,7 +26,8 @@ import os
 import re
 from pathlib import Path
 
-TMP_MARK = ".tmp-"
+from shared.fsutil import TMP_MARK, atomic_write_bytes, fsync_dir, temporary_path
+
 # object stores: scheme -> the fsspec package that implements it (named in the error when it is missing)
 OBJECT_STORES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is no scheme
@@ -193,18 +194,13 @@ def makedirs(location) -> None:
 
 
 def write_bytes(location, data: bytes) -> None:
-    """Write a small file atomically: local, a temporary file, fsync, rename; an object store, one PUT."""
+    """Write a small file atomically: local, shared.fsutil's temporary file, fsync and rename; an object
+    store, one PUT."""
     if is_url(location):
         fs, path = _fs(location)
         fs.pipe_file(path, data)
         return
-    path = Path(location)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(location, data)
 
 
 def create_exclusive(location: str, data: bytes) -> None:
@@ -235,8 +231,6 @@ def replace(src, dst) -> None:
     """Rename src to dst, replacing it. Local: os.replace, then the folder is fsynced so that the rename
     survives a power cut. Object stores: a server-side copy (atomic: dst appears whole), then src deleted."""
     if not is_url(dst):
-        from shared.fsutil import fsync_dir
-
         os.replace(src, dst)
         fsync_dir(os.path.dirname(os.fspath(dst)) or ".")
         return
@@ -253,7 +247,7 @@ class AtomicFile:
 
     def __init__(self, location):
         self.location = os.fspath(location)
-        self.tmp = f"{self.location}{TMP_MARK}{os.getpid()}"
+        self.tmp = f"{self.location}{TMP_MARK}{os.getpid()}" if is_url(location) else str(temporary_path(location))
         if is_url(self.location):
             fs, path = _fs(self.tmp)
             self.file = fs.open(path, "wb")

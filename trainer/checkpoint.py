@@ -9,8 +9,10 @@ Layout under a run directory:
                                tensors / dicts / lists / numbers only: it loads with weights_only=True)
     latest                     the name of the newest complete checkpoint ("ckpt-0001000")
 
-Every file is written to a temporary name, fsync'ed, then renamed (os.replace is atomic), state first,
-weights second, `latest` last: a crash at any point leaves `latest` naming a complete pair.
+Every file is written atomically (shared.fsutil.atomic_write_bytes), state first, weights second,
+`latest` last: a crash at any point leaves `latest` naming a complete pair. `save_training` and
+`restore_training` are what the training loop calls: together they make resume exact (N steps straight
+== N/2 steps, stop, resume, N/2 steps).
 An export (`trainer export`) is one safetensors file with the EMA weights under their plain names.
 Original BP-Net / DMD3C .pth files (weights under "net") load through trainer.model.load_original_checkpoint.
 """
@@ -19,41 +21,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save
 
-from shared.fsutil import fsync_dir
+from shared.fsutil import atomic_write_bytes
+from trainer.model import build_model, load_original_checkpoint
+
+log = logging.getLogger("trainer")
 
 FORMAT = "dmd3c-trainer-v1"
 EXPORT_FORMAT = "dmd3c-export-v1"
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to <path>.tmp-<pid>, flush to disk, rename over path, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def _write_all(f, data: bytes, chunk: int = 1 << 22) -> None:
-    # in chunks, so that a test can interrupt a write half-way (and big files do not need one syscall)
-    view = memoryview(data)
-    for i in range(0, len(view), chunk):
-        f.write(view[i:i + chunk])
 
 
 def ckpt_name(step: int) -> str:
@@ -66,8 +52,6 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model_sd: dict, ema_s
 
     meta values are JSON-encoded into the safetensors metadata (which holds strings only).
     """
-    from safetensors.torch import save
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = ckpt_name(step)
@@ -127,13 +111,11 @@ def resolve(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike, which: str = "ema") -> tuple[dict, dict]:
     """(state_dict, metadata) of one of our safetensors files: `which` is "ema" or "model" for a training
     checkpoint; an export has only one set. Metadata values are decoded from JSON where they were."""
-    from safetensors import safe_open
-
     path = resolve(path)
     with safe_open(str(path), framework="pt") as f:
-        raw_meta = f.metadata() or {}
+        meta = _decode_metadata(f.metadata())
         keys = list(f.keys())
-        fmt = raw_meta.get("format")
+        fmt = meta.get("format")
         if fmt == FORMAT:
             prefix = f"{which}."
             if not any(k.startswith(prefix) for k in keys):
@@ -144,14 +126,26 @@ def read_checkpoint(path: str | os.PathLike, which: str = "ema") -> tuple[dict, 
         else:
             raise ValueError(f"{path}: not a dmd3c checkpoint (metadata format {fmt!r}); original BP-Net / "
                              "DMD3C weights are .pth files")
+    meta["path"] = str(path)
+    return sd, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a checkpoint (file or run directory) without its tensors: step, stage, train_config, ..."""
+    path = resolve(path)
+    with safe_open(str(path), framework="pt") as f:
+        return {**_decode_metadata(f.metadata()), "path": str(path)}
+
+
+def _decode_metadata(raw: dict | None) -> dict:
+    # safetensors metadata holds strings: ours are JSON-encoded (save_checkpoint), the format name is not
     meta = {}
-    for k, v in raw_meta.items():
+    for k, v in (raw or {}).items():
         try:
             meta[k] = json.loads(v)
         except ValueError:
             meta[k] = v
-    meta["path"] = str(path)
-    return sd, meta
+    return meta
 
 
 def state_path_for(ckpt: str | os.PathLike) -> Path:
@@ -166,8 +160,6 @@ def read_state(ckpt: str | os.PathLike, map_location="cpu") -> dict:
 
 def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:
     """One plain safetensors file with the chosen weights and the network config, for inference."""
-    from safetensors.torch import save
-
     sd, meta = read_checkpoint(ckpt, which)
     metadata = {"format": EXPORT_FORMAT, "weights": json.dumps(which)}
     for k in ("model_name", "model_config", "step", "stage", "convention"):
@@ -184,8 +176,6 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, which: st
     - an original BP-Net / DMD3C .pth (weights under "net"): built from `model_name` (default "bpnet")
       and loaded strictly with torch.load(weights_only=True).
     """
-    from trainer.model import build_model, load_original_checkpoint
-
     p = Path(path)
     if p.suffix in (".pth", ".pt") and p.is_file():
         name = model_name or "bpnet"
@@ -199,3 +189,67 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, which: st
     model = build_model(meta["model_config"])
     model.load_state_dict(sd, strict=True)
     return model, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training state: what --resume needs to continue exactly where a run stopped
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: counters, and this process's data position and RNG state (None: from the start)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    data_start: dict | None = None  # trainer.data.DataPosition.state() of this rank
+    rng: dict | None = None  # {"torch": ..., "cuda": ...} of this rank
+
+
+def restore_training(path: str | os.PathLike, ema, opt: torch.optim.Optimizer, rank: int, world: int) -> TrainingState:
+    """Load the EMA weights, the optimizer and the counters saved with a checkpoint into `ema` and `opt`;
+    return the state this rank continues from. Written by another number of processes, the data
+    restarts at epoch 0 (each process's RNG is still restored, the first one's where there is no other)."""
+    ema_sd, _ = read_checkpoint(path, "ema")
+    ema.module.load_state_dict(ema_sd)
+    state = read_state(path)
+    opt.load_state_dict(state["optimizer"])
+    ema.updates = int(state["ema_updates"])
+    data = state["data"]
+    data_start = data["ranks"][rank] if data["world_size"] == world else None
+    if data_start is None and rank == 0:
+        log.warning("checkpoint written by %d processes, now %d: the data restarts at epoch 0",
+                    data["world_size"], world)
+    rng = state["rng"][rank] if len(state["rng"]) == world else state["rng"][0]
+    return TrainingState(int(state["step"]), int(state["samples_seen"]), data_start, rng)
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def save_training(out_dir: str | os.PathLike, step: int, samples_seen: int, model: torch.nn.Module, ema,
+                  opt: torch.optim.Optimizer, data_state: dict, meta: dict, keep: int = 3) -> Path | None:
+    """Checkpoint a training run at `step`. Under DDP every process calls it: each one's RNG state and
+    data position are gathered (so that all of them resume exactly), rank 0 writes the files, and all
+    wait until they are on disk. Returns the checkpoint path on rank 0, None on the others."""
+    device = next(model.parameters()).device
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    data_states, rngs = [data_state], [rng]
+    if world > 1:
+        data_states, rngs = [None] * world, [None] * world
+        dist.all_gather_object(data_states, data_state)
+        dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
+    path = None
+    if world == 1 or dist.get_rank() == 0:
+        state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates,
+                 "optimizer": opt.state_dict(), "rng": rngs, "data": {"world_size": world, "ranks": data_states}}
+        path = save_checkpoint(out_dir, step, model.state_dict(), ema.module.state_dict(),
+                               {**meta, "samples_seen": samples_seen}, state, keep=keep)
+    if world > 1:
+        dist.barrier()
+    return path

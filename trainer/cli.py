@@ -1,4 +1,5 @@
-"""`trainer` command line: parse, call one function, print. Imports stay lazy (`trainer score` needs no torch).
+"""`trainer` command line: parse, call one function, print. The modules behind a command are imported in
+the command: torch takes seconds to import, and `trainer score` and `--help` need none of it.
 
     trainer pretrain --shards shards/synthetic [--preset laptop|paper] [--model bpnet-s] [--steps N] ...
     trainer finetune --shards shards/kitti --init runs/pretrain [...]
@@ -11,11 +12,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 
 import typer
+
+from shared.fsutil import write_json
+from shared.sparsity import parse_protocol
+from trainer.metrics import format_table, score_dirs  # numpy only: `trainer score` needs no torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="BP-Net depth completion: pre-train on generated shards, fine-tune with SSI "
@@ -73,8 +79,6 @@ def _train_command(stage: str):
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
         quiet: bool = typer.Option(False, help="no progress bar"),
     ):
-        import dataclasses
-
         from trainer.presets import get_preset
 
         _setup_logging()
@@ -117,6 +121,18 @@ SPARSITY_OPT = typer.Option("full", help="input protocol, applied to the sparse 
                             "of the LiDAR's rings), lines-uniform:N (the literature's 64 pitch bins), points:N, "
                             "keypoints:N (docs/finetune.md)")
 SPARSITY_SEED_OPT = typer.Option(0, help="seed of points:N (the draw is per sample key: the same for every model)")
+BATCH_OPT = typer.Option(1, help="samples per forward pass")
+WORKERS_OPT = typer.Option(0, help="DataLoader workers")
+DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda")
+
+
+def _inference_options(model, raw, crop, batch_size, workers, device, convention, steps, sparsity, sparsity_seed):
+    """The options `eval` and `predict` share, as trainer.evaluate.InferenceOptions."""
+    from trainer.evaluate import InferenceOptions
+
+    return InferenceOptions(model_name=model, which="model" if raw else "ema", crop=crop, batch_size=batch_size,
+                            workers=workers, device=device, convention=convention, steps=steps,
+                            sparsity=parse_protocol(sparsity, sparsity_seed))
 
 
 @app.command("eval")
@@ -130,9 +146,9 @@ def eval_cmd(
     raw: bool = RAW_OPT,
     crop: str = CROP_OPT,
     target: str = typer.Option("gt", help="member to score against: gt, or depth (pseudo depth)"),
-    batch_size: int = typer.Option(1),
-    workers: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    batch_size: int = BATCH_OPT,
+    workers: int = WORKERS_OPT,
+    device: str = DEVICE_OPT,
     convention: str = CONVENTION_OPT,
     sparsity: str = SPARSITY_OPT,
     sweep: list[str] = typer.Option([], help="evaluate under each setting, e.g. lines:64,32,16,8 or "
@@ -141,25 +157,20 @@ def eval_cmd(
     sparsity_seed: int = SPARSITY_SEED_OPT,
 ):
     """Metrics table of a checkpoint on shards (stdout) and JSON."""
-    from shared.sparsity import parse_protocol
     from trainer.evaluate import evaluate
-    from trainer.metrics import format_table
 
     _setup_logging()
-    which = "model" if raw else "ema"
     if sweep and sparsity != "full":
         raise typer.BadParameter("give --sparsity or --sweep, not both (a sweep sets the input of each row)")
+    opts = _inference_options(model, raw, crop, batch_size, workers, device, convention, steps, sparsity,
+                              sparsity_seed)
     if sweep:
         from trainer.sparsity import format_sweep
         from trainer.sparsity import sweep as run_sweep
 
-        table = run_sweep(ckpt, shards, sweep, kind, steps, model, which, crop, batch_size, workers, target,
-                          device, json_path, convention, sparsity_seed)
-        typer.echo(format_sweep(table))
+        typer.echo(format_sweep(run_sweep(ckpt, shards, sweep, kind, opts, target, json_path, sparsity_seed)))
         return
-    result = evaluate(ckpt, shards, kind, steps, model, which, crop, batch_size, workers, target, device,
-                      json_path, convention, parse_protocol(sparsity, sparsity_seed))
-    typer.echo(format_table(result))
+    typer.echo(format_table(evaluate(ckpt, shards, kind, opts, target, json_path)))
 
 
 @app.command("predict")
@@ -173,20 +184,20 @@ def predict_cmd(
     model: str = MODEL_OPT,
     raw: bool = RAW_OPT,
     crop: str = CROP_OPT,
-    batch_size: int = typer.Option(1),
-    workers: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    batch_size: int = BATCH_OPT,
+    workers: int = WORKERS_OPT,
+    device: str = DEVICE_OPT,
     convention: str = CONVENTION_OPT,
     sparsity: str = SPARSITY_OPT,
     sparsity_seed: int = SPARSITY_SEED_OPT,
 ):
     """KITTI-submission PNGs at each sample's full size, named <key>.png, plus previews."""
-    from shared.sparsity import parse_protocol
     from trainer.evaluate import predict
 
     _setup_logging()
-    typer.echo(json.dumps(predict(ckpt, shards, out, previews, steps, model, "model" if raw else "ema", crop,
-                                  batch_size, workers, device, convention, parse_protocol(sparsity, sparsity_seed))))
+    opts = _inference_options(model, raw, crop, batch_size, workers, device, convention, steps, sparsity,
+                              sparsity_seed)
+    typer.echo(json.dumps(predict(ckpt, shards, out, previews, opts)))
 
 
 @app.command("score")
@@ -197,10 +208,10 @@ def score_cmd(
     json_path: str = typer.Option(None, "--json"),
 ):
     """Score any method's prediction PNGs against GT PNGs (what the KITTI devkit does)."""
-    from trainer.evaluate import score
-    from trainer.metrics import format_table
-
-    typer.echo(format_table(score(pred, gt, kind, json_path)))
+    result = score_dirs(pred, gt, kind)
+    if json_path:
+        write_json(json_path, result)
+    typer.echo(format_table(result))
 
 
 @app.command("export")

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from shared.camera import crop_K, flip_K
 from shared.shard import (
@@ -64,6 +65,7 @@ from shared.shard import (
 )
 from shared.sparsity import Protocol
 from shared.sparsity import apply as apply_sparsity
+from trainer.model import normalize_rgb  # the model's own helper keeps the input convention in one place
 
 log = logging.getLogger("trainer.data")
 
@@ -222,8 +224,6 @@ def bpnet_nyu_frame(sample: Sample) -> dict:
     the sample's own sparse map and teacher are not used. Predictions and GT stay in this 256 x 320 frame
     (box and full_hw say so): they cannot be pasted back onto the 640 x 480 image.
     """
-    from PIL import Image
-
     (H, W), (rh, rw), (ch, cw), (pt, pl) = (480, 640), (240, 320), (228, 304), (14, 8)
     if (sample.height, sample.width) != (H, W):
         raise ValueError(f"{sample.key}: the bpnet-nyu frame expects NYUv2's {W} x {H} frames, "
@@ -286,8 +286,6 @@ def eval_frame(sample: Sample, crop_hw: tuple[int, int] | str | None = None) -> 
 
 def collate(frames: list[dict], keys: list[str]) -> dict:
     """Stack frames (padding bottom/right to the largest, for eval batches of mixed sizes)."""
-    from trainer.model import normalize_rgb  # the model's own helper keeps the convention in one place
-
     oh = max(f["rgb"].shape[0] for f in frames)
     ow = max(f["rgb"].shape[1] for f in frames)
 

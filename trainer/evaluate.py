@@ -1,4 +1,4 @@
-"""Evaluation, prediction, scoring and export: what `trainer eval|predict|score|export` run.
+"""Evaluation, prediction and export: what `trainer eval|predict|export` run (`score`: trainer.metrics).
 
 A checkpoint says which network it holds (trainer.checkpoint.load_model), so --ckpt is all these need;
 original BP-Net / DMD3C .pth files work too (with --model, default bpnet). The EMA weights are used
@@ -9,7 +9,6 @@ into a full-size frame, so prediction PNGs have the sample's own size.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +16,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from shared.depth import MAX_DEPTH_M, encode_depth_png
+from shared.fsutil import write_json
+from shared.preview import colorize, depth_limits
+from shared.shard import check_key
 from shared.sparsity import Protocol, parse_protocol
+from trainer.checkpoint import export_weights, load_model, resolve
 from trainer.data import DataConfig, make_loader, parse_hw
+from trainer.metrics import MetricAccumulator
+from trainer.model import INPUT_CONVENTIONS, network_inputs, resolve_convention
 
 log = logging.getLogger("trainer")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How `eval`, `eval --sweep` and `predict` run a checkpoint over shards (the options they share)."""
+
+    model_name: str | None = None  # the network of an original .pth (ours record theirs)
+    which: str = "ema"  # "ema" or "model" (the trained weights)
+    crop: str | None = None  # None: the whole image padded to x32; "HxW": bottom-centre crop; "bpnet-nyu"
+    batch_size: int = 1
+    workers: int = 0
+    device: str = "auto"
+    convention: str | None = None  # input convention of an original .pth; None: recorded, else kitti
+    steps: int | None = None  # at most this many batches
+    sparsity: Protocol | str | None = None  # the input protocol (shared.sparsity); None: the full input
+
+    def load(self, ckpt: str) -> tuple[torch.nn.Module, dict]:
+        """The checkpoint's model in eval mode on the device, and its info (load_for_inference)."""
+        return load_for_inference(ckpt, self.model_name, self.which, self.device, self.convention)
+
+    def predictions(self, model: torch.nn.Module, info: dict, shards, target: str = "gt",
+                    sparsity: Protocol | str | None = None) -> Iterator[Prediction]:
+        """iter_predictions of a loaded model (info: from load) with these options; `sparsity`, when given,
+        replaces self.sparsity (a sweep's rows)."""
+        return iter_predictions(model, shards, self.crop, self.batch_size, self.workers, self.steps, target,
+                                convention=info["convention"], sparsity=self.sparsity if sparsity is None else sparsity)
 
 
 @dataclass
@@ -55,9 +88,6 @@ def load_for_inference(ckpt: str, model_name: str | None = None, which: str = "e
                        convention: str | None = None):
     """(model in eval mode on the device, info dict) from any checkpoint the project knows. info
     ["convention"] is the input convention to feed it: the recorded one, else `convention`, else kitti."""
-    from trainer.checkpoint import load_model
-    from trainer.model import resolve_convention
-
     model, info = load_model(ckpt, model_name, which)
     info = {**info, "convention": resolve_convention(convention, info.get("convention"), str(ckpt))}
     return model.to(pick_device(device)).eval(), info
@@ -77,8 +107,6 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     for ours and the original KITTI checkpoints, "nyu" for the original BP-Net NYU checkpoints (ImageNet
     normalisation, depth in metres x 10 in and out). Predictions come back in metres either way.
     """
-    from trainer.model import INPUT_CONVENTIONS, network_inputs
-
     if convention not in INPUT_CONVENTIONS:
         raise ValueError(f"convention must be one of {sorted(INPUT_CONVENTIONS)}, got {convention!r}")
     device = next(model.parameters()).device
@@ -106,17 +134,9 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
                 rgb=batch["rgb_raw"][b, :, :h, :w].permute(1, 2, 0).numpy(), density=float(density[b]))
 
 
-def _write_json(path: str | None, obj: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
-
-
 def metrics_of(predictions: Iterator[Prediction], kind: str = "kitti") -> dict:
     """MetricAccumulator.result() over predictions, plus per_image and the mean input density (percent of
     the content pixels that had an input value)."""
-    from trainer.metrics import MetricAccumulator
-
     acc, density = MetricAccumulator(kind), []
     for p in predictions:
         acc.add(p.depth_m, p.gt if p.gt is not None else np.zeros_like(p.depth_m), name=p.key)
@@ -126,31 +146,27 @@ def metrics_of(predictions: Iterator[Prediction], kind: str = "kitti") -> dict:
     return result
 
 
-def evaluate(ckpt: str, shards, kind: str = "kitti", steps: int | None = None, model_name: str | None = None,
-             which: str = "ema", crop: str | None = None, batch_size: int = 1, workers: int = 0,
-             target: str = "gt", device: str = "auto", json_path: str | None = None,
-             convention: str | None = None, sparsity: Protocol | str | None = None) -> dict:
+def evaluate(ckpt: str, shards, kind: str = "kitti", opts: InferenceOptions = InferenceOptions(),
+             target: str = "gt", json_path: str | None = None) -> dict:
     """Metrics of a checkpoint on shards (per image on valid GT pixels, then mean over images).
 
     target: the member scored against, "gt" (labelled sets) or "depth" (the pseudo depth of unlabelled
-    shards). Samples without it are counted as skipped. steps: at most this many batches.
-    sparsity: the input protocol (shared.sparsity), recorded with its seed under "sparsity".
+    shards). Samples without it are counted as skipped. The input protocol (opts.sparsity) is recorded
+    with its seed under "sparsity".
     """
-    protocol = parse_protocol(sparsity)
-    model, info = load_for_inference(ckpt, model_name, which, device, convention)
-    result = metrics_of(iter_predictions(model, shards, crop, batch_size, workers, steps, target,
-                                         convention=info["convention"], sparsity=protocol), kind)
+    protocol = parse_protocol(opts.sparsity)
+    model, info = opts.load(ckpt)
+    result = metrics_of(opts.predictions(model, info, shards, target), kind)
     result.update(checkpoint=str(info.get("path", ckpt)), model=info.get("model_name"), step=info.get("step"),
-                  weights=which, target=target, shards=str(shards), convention=info["convention"],
+                  weights=opts.which, target=target, shards=str(shards), convention=info["convention"],
                   sparsity=protocol.to_dict())
-    _write_json(json_path, result)
+    if json_path:
+        write_json(json_path, result)
     return result
 
 
 def preview_image(p: Prediction) -> np.ndarray:
     """rgb | prediction | GT (or LiDAR) side by side, depths on one colour scale."""
-    from shared.preview import colorize, depth_limits
-
     ref = p.gt if p.gt is not None else p.sparse
     vmin, vmax = depth_limits(p.depth_m, ref)
     panels = [p.rgb, colorize(p.depth_m, vmin, vmax)]
@@ -159,25 +175,16 @@ def preview_image(p: Prediction) -> np.ndarray:
     return np.concatenate(panels, axis=1)
 
 
-def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None = None,
-            model_name: str | None = None, which: str = "ema", crop: str | None = None, batch_size: int = 1,
-            workers: int = 0, device: str = "auto", convention: str | None = None,
-            sparsity: Protocol | str | None = None) -> dict:
+def predict(ckpt: str, shards, out: str, previews: int = 16, opts: InferenceOptions = InferenceOptions()) -> dict:
     """KITTI-submission PNGs (uint16, depth x 256) at each sample's full size as <out>/<key>.png, and
-    colourised previews of the first `previews` samples under <out>/preview/. sparsity: the input
-    protocol (shared.sparsity)."""
-    from PIL import Image
-
-    from shared.depth import MAX_DEPTH_M, encode_depth_png
-    from shared.shard import check_key
-
-    protocol = parse_protocol(sparsity)
-    model, info = load_for_inference(ckpt, model_name, which, device, convention)
+    colourised previews of the first `previews` samples under <out>/preview/, under the input protocol
+    opts.sparsity."""
+    protocol = parse_protocol(opts.sparsity)
+    model, info = opts.load(ckpt)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for p in iter_predictions(model, shards, crop, batch_size, workers, steps, convention=info["convention"],
-                              sparsity=protocol):
+    for p in opts.predictions(model, info, shards):
         name = check_key(p.key)  # keys are letters, digits, '_' and '-': never a path
         full = p.full_size()
         top, left, h, w = p.box
@@ -190,20 +197,9 @@ def predict(ckpt: str, shards, out: str, previews: int = 16, steps: int | None =
             Image.fromarray(preview_image(p)).save(out_dir / "preview" / f"{name}.png")
         n += 1
     return {"written": n, "out": str(out_dir), "checkpoint": str(info.get("path", ckpt)),
-            "model": info.get("model_name"), "weights": which, "sparsity": protocol.to_dict()}
-
-
-def score(pred_dir: str, gt_dir: str, kind: str = "kitti", json_path: str | None = None) -> dict:
-    """Score prediction PNGs against GT PNGs of the same names (trainer.metrics.score_dirs)."""
-    from trainer.metrics import score_dirs
-
-    result = score_dirs(pred_dir, gt_dir, kind)
-    _write_json(json_path, result)
-    return result
+            "model": info.get("model_name"), "weights": opts.which, "sparsity": protocol.to_dict()}
 
 
 def export(ckpt: str, out: str, which: str = "ema") -> str:
     """One plain safetensors file with the (EMA) weights and the network config."""
-    from trainer.checkpoint import export_weights, resolve
-
     return str(export_weights(resolve(ckpt), out, which))

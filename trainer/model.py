@@ -454,18 +454,7 @@ class BPNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# registry, building, checkpoints
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {"bpnet": BPNet}
-
-
-def register_model(name: str, config: ModelConfig, arch_cls: type[nn.Module] | None = None) -> None:
-    """Add a preset; arch_cls (built as arch_cls(config)) registers a new base network under config.arch."""
-    if arch_cls is not None:
-        ARCHITECTURES[config.arch] = arch_cls
-    if config.arch not in ARCHITECTURES:
-        raise KeyError(f"unknown architecture {config.arch!r}; pass arch_cls")
-    MODEL_PRESETS[name] = config
+# building, checkpoints
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -481,7 +470,8 @@ def model_config_dict(model_or_config: nn.Module | ModelConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
 
-def build_model(name_or_config: str | ModelConfig | dict) -> nn.Module:
+def build_model(name_or_config: str | ModelConfig | dict) -> BPNet:
+    """The network of a preset name, a ModelConfig, or a config dict as stored in our checkpoints."""
     if isinstance(name_or_config, str):
         if name_or_config not in MODEL_PRESETS:
             raise KeyError(f"unknown model {name_or_config!r}; presets: {sorted(MODEL_PRESETS)}")
@@ -490,7 +480,9 @@ def build_model(name_or_config: str | ModelConfig | dict) -> nn.Module:
         cfg = config_from_dict(name_or_config)
     else:
         cfg = name_or_config
-    return ARCHITECTURES[cfg.arch](cfg)
+    if cfg.arch != "bpnet":  # the one network there is; `arch` is recorded so that another can be told apart
+        raise ValueError(f"unknown architecture {cfg.arch!r}; this trainer builds 'bpnet'")
+    return BPNet(cfg)
 
 
 def load_original_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -8,20 +8,20 @@ and Markdown, with the metrics and the achieved input density of every setting.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from shared.fsutil import write_json
 from shared.sparsity import Protocol, parse_sweep
-from trainer.evaluate import iter_predictions, load_for_inference, metrics_of
+from trainer.evaluate import InferenceOptions, metrics_of
 from trainer.metrics import LABELS, METRIC_KEYS
 
 
 def sweep(ckpt: str, shards, protocols: str | list[str], kind: str = "kitti",
-          steps: int | None = None, model_name: str | None = None, which: str = "ema", crop: str | None = None,
-          batch_size: int = 1, workers: int = 0, target: str = "gt", device: str = "auto",
-          json_path: str | None = None, convention: str | None = None, seed: int = 0) -> dict:
+          opts: InferenceOptions = InferenceOptions(), target: str = "gt", json_path: str | None = None,
+          seed: int = 0) -> dict:
     """Metrics of one checkpoint under each setting of `protocols` (shared.sparsity.parse_sweep: e.g.
-    "lines:64,32,16,8"; seed seeds points:N), with evaluate's options, which mean the same here.
+    "lines:64,32,16,8"; seed seeds points:N), with evaluate's options, which mean the same here (each row
+    sets its own input protocol: opts.sparsity is not used).
 
     Returns {"rows": [{"protocol", "seed", "input_density_percent", "relative_density", "count",
     "skipped", "metrics"}, ...], checkpoint, model, ...}; rows start with `full`. json_path: the table as
@@ -30,24 +30,21 @@ def sweep(ckpt: str, shards, protocols: str | list[str], kind: str = "kitti",
     settings = parse_sweep(protocols, seed)
     if all(p.kind != "full" for p in settings):
         settings.insert(0, Protocol("full", None, seed))
-    model, info = load_for_inference(ckpt, model_name, which, device, convention)
+    model, info = opts.load(ckpt)
     rows = []
     for p in settings:
-        r = metrics_of(iter_predictions(model, shards, crop, batch_size, workers, steps, target,
-                                        convention=info["convention"], sparsity=p), kind)
+        r = metrics_of(opts.predictions(model, info, shards, target, sparsity=p), kind)
         rows.append({**p.to_dict(), "input_density_percent": r["input_density_percent"], "count": r["count"],
                      "skipped": r["skipped"], "metrics": r["metrics"]})
     full = next(r["input_density_percent"] for r in rows if r["protocol"] == "full")
     for r in rows:
         r["relative_density"] = r["input_density_percent"] / full if full else None
     table = {"kind": kind, "checkpoint": str(info.get("path", ckpt)), "model": info.get("model_name"),
-             "step": info.get("step"), "weights": which, "target": target, "shards": str(shards), "crop": crop,
-             "convention": info["convention"], "rows": rows}
+             "step": info.get("step"), "weights": opts.which, "target": target, "shards": str(shards),
+             "crop": opts.crop, "convention": info["convention"], "rows": rows}
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=2))
-        path.with_suffix(".md").write_text(format_sweep(table) + "\n")
+        write_json(json_path, table)
+        Path(json_path).with_suffix(".md").write_text(format_sweep(table) + "\n")
     return table
 
 

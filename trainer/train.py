@@ -18,19 +18,22 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from shared.fsutil import write_json
 from trainer import checkpoint as ckpt
 from trainer.data import DataConfig, DataPosition, make_loader, parse_hw
+from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
+from trainer.model import build_model, model_config_dict, network_inputs, resolve_convention
 
 log = logging.getLogger("trainer")
 
@@ -86,7 +89,6 @@ class TrainConfig:
     json: str | None = None
     progress: bool = True
     log_keys: bool = False  # write every consumed sample key per rank to keys-rank<r>.tsv (data audits)
-    extra: dict = field(default_factory=dict)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -123,25 +125,48 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group under torchrun."""
+def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process: checks the settings that must fail before any work (stage,
+    crop, fine-tuning loss, batch split), initialises the process group under torchrun, picks the device and
+    the CPU threads."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.stage == "finetune":
+        distill_config(cfg)  # raises on a bad --space/--penalty/--fit
+    parse_hw(cfg.crop)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     return rank, world, device
 
 
-def build_initial_model(cfg: TrainConfig):
-    """(model, model_name, convention): from --init (its own network unless --model differs, its recorded
-    input convention) or a fresh preset."""
-    from trainer.model import build_model, resolve_convention
+def resume_checkpoint(out: Path, warn: bool) -> Path | None:
+    """The checkpoint --resume continues from: the latest of the run directory (None: from step 0)."""
+    path = ckpt.latest_checkpoint(out)
+    if path is None and warn:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+    return path
 
+
+def build_initial_model(cfg: TrainConfig, resume_from: Path | None = None):
+    """(model, model_name, convention): the trained weights of the checkpoint --resume continues, or those of
+    --init (its own network unless --model differs, its recorded input convention), or a fresh preset."""
+    if resume_from is not None:
+        model, meta = ckpt.load_model(resume_from, which="model")
+        if meta.get("stage") not in (None, cfg.stage):
+            raise ValueError(f"{resume_from} is a {meta['stage']} checkpoint; this run is {cfg.stage}")
+        convention = resolve_convention(cfg.convention, meta.get("convention"), str(resume_from))
+        return model, meta.get("model_name", "custom"), convention
     if cfg.init:
         model, info = ckpt.load_model(cfg.init, cfg.model, which="ema")
         convention = resolve_convention(cfg.convention, info.get("convention"), cfg.init)
@@ -150,22 +175,25 @@ def build_initial_model(cfg: TrainConfig):
     return build_model(name), name, resolve_convention(cfg.convention, None, "a new network")
 
 
+def train_data_config(cfg: TrainConfig, world: int) -> DataConfig:
+    """This process's part of the global batch, with the run's crop, augmentation and seed."""
+    return DataConfig(shards=cfg.shards, batch_size=cfg.batch_size // world, crop_hw=parse_hw(cfg.crop),
+                      train=True, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, jitter=cfg.jitter,
+                      workers=cfg.workers, seed=cfg.seed)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     nb = device.type == "cuda"
     return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def distill_config(cfg: TrainConfig):
+def distill_config(cfg: TrainConfig) -> DistillLossConfig:
     """The fine-tuning loss settings of a run (raises ValueError on a bad --space/--penalty/--fit)."""
-    from trainer.losses import DistillLossConfig
-
     return DistillLossConfig(lambda_ssi=cfg.lambda_ssi, lambda_reg=cfg.lambda_reg, space=cfg.space,
                              penalty=cfg.penalty, fit=cfg.fit, sup_kind=cfg.sup_loss)
 
 
 def compute_loss(cfg: TrainConfig, preds: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict]:
-    from trainer.losses import distill_loss, pretrain_loss
-
     if cfg.stage == "pretrain":
         loss = pretrain_loss(preds, batch["depth"], batch["depth"] > 0)
         return loss, {"loss": loss}
@@ -191,7 +219,11 @@ def compute_loss(cfg: TrainConfig, preds: list[torch.Tensor], batch: dict) -> tu
 
 
 class RunLog:
-    """CSV (always) and TensorBoard (when installed) logs of rank 0; appends on resume."""
+    """CSV (always) and TensorBoard (when installed) logs of rank 0; appends on resume.
+
+    Every process adds each step's loss and its parts to a window; `end_window` averages them over the
+    window's steps (the loss, gradient norm and skipped count also over the processes) into one row, which
+    rank 0 writes."""
 
     # pull_* / share_*: each fine-tuning term's gradient on the final output (trainer.losses.gradient_pulls),
     # over all pixels and over the pixels without a label
@@ -200,8 +232,13 @@ class RunLog:
     COLUMNS = ("step", "samples", "loss", "sup", "ssi", "reg", "lr", "grad_norm", "samples_per_s", "skipped",
                "elapsed_s", *PULLS)
 
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, out: Path, enabled: bool, device: torch.device = torch.device("cpu"), world: int = 1,
+                 samples_seen: int = 0):
+        self.enabled, self.device, self.world = enabled, device, world
+        self.t_start = self.t_row = time.perf_counter()
+        self.samples_row = samples_seen
+        self._new_window()
+        self.first_loss, self.last_row = None, {}
         self.tb = None
         if not enabled:
             return
@@ -217,6 +254,45 @@ class RunLog:
             self.tb = SummaryWriter(str(out / "tb"))
         except ImportError:
             log.info("tensorboard is not installed: CSV log only")
+
+    def _new_window(self) -> None:
+        self.window, self.window_n, self.window_parts = torch.zeros((), device=self.device), 0, {}
+
+    def add(self, loss: torch.Tensor, parts: dict) -> None:
+        """One step's loss (a tensor: adding it does not wait for the GPU) and its parts."""
+        self.window += loss.detach()
+        self.window_n += 1
+        for k, v in parts.items():
+            if k != "loss":  # distill_loss's components are floats already (it syncs once per step)
+                self.window_parts[k] = self.window_parts.get(k, 0.0) + float(v)
+
+    def end_window(self, step: int, samples_seen: int, lr: float, grad_norm: torch.Tensor, skipped: int) -> dict:
+        """The row of the steps since the last one; rank 0 writes it. A loss that is not finite stops the run."""
+        stats = torch.stack([self.window / self.window_n, grad_norm.detach().float(),
+                             torch.tensor(float(skipped), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+            stats[:2] /= self.world
+        mean_loss, grad_norm, skipped = stats.tolist()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower --lr or check the data")
+        now = time.perf_counter()
+        row = {"step": step, "samples": samples_seen, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+               "samples_per_s": (samples_seen - self.samples_row) / max(now - self.t_row, 1e-9),
+               "skipped": int(skipped), "elapsed_s": now - self.t_start,
+               **{k: v / self.window_n for k, v in self.window_parts.items()}}
+        self.write(row)
+        self.first_loss = mean_loss if self.first_loss is None else self.first_loss
+        self.last_row, self.t_row, self.samples_row = row, now, samples_seen
+        self._new_window()
+        return row
+
+    def summary(self, samples_this_run: int) -> dict:
+        """First and last logged loss, the last row, and the speed over the whole run."""
+        wall, last = time.perf_counter() - self.t_start, self.last_row
+        return {"first_loss": self.first_loss, "final_loss": last.get("loss"), "final": last,
+                "skipped_samples": last.get("skipped", 0), "samples_per_s": samples_this_run / max(wall, 1e-9),
+                "wall_s": wall}
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -237,135 +313,82 @@ class RunLog:
                 self.tb.close()
 
 
+class KeyLog:
+    """--log-keys: every sample key this process consumes, a line (step, epoch, key) each (data audits)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a") if path else None  # noqa: SIM115 (closed in close)
+
+    def write(self, step: int, batch: dict) -> None:
+        if self.file is not None:
+            self.file.writelines(f"{step}\t{int(e)}\t{k}\n" for e, k in zip(batch["epoch"], batch["key"], strict=True))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def check_first_batch(batch: dict, stage: str, rank: int) -> None:
+    """A run that can only produce zero losses should say so at once."""
+    need = "has_depth" if stage == "pretrain" else "has_gt"
+    if not batch[need].any():
+        log.warning("rank %d: no sample of the first batch has %s.png: the %s loss is 0 on such samples; "
+                    "check --shards", rank, need[4:], stage)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one stage; returns the summary (also written to cfg.json by rank 0)."""
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
-    if cfg.stage == "finetune":
-        distill_config(cfg)  # refuse bad loss settings before any work
-    crop_hw = parse_hw(cfg.crop)
-    rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup(cfg)
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    out = Path(cfg.out)
+    out, master = Path(cfg.out), rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
 
-    # -------------------------------------------------------------------------
     # model, EMA, optimizer: fresh, from --init, or from the latest checkpoint of --out (--resume)
     torch.manual_seed(cfg.seed)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None and master:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", out)
-    if resume_from is not None:
-        from trainer.model import build_model, resolve_convention
-
-        model_sd, meta = ckpt.read_checkpoint(resume_from, "model")
-        if meta.get("stage") not in (None, cfg.stage):
-            raise ValueError(f"{resume_from} is a {meta['stage']} checkpoint; this run is {cfg.stage}")
-        model, model_name = build_model(meta["model_config"]), meta.get("model_name", "custom")
-        model.load_state_dict(model_sd)
-        convention = resolve_convention(cfg.convention, meta.get("convention"), str(resume_from))
-    else:
-        model, model_name, convention = build_initial_model(cfg)
-    from trainer.model import model_config_dict, network_inputs
-
-    model.to(device)
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    resume_from = resume_checkpoint(out, warn=master) if cfg.resume else None
+    raw_model, model_name, convention = build_initial_model(cfg, resume_from)
+    raw_model.to(device)
+    ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             fused=device.type == "cuda")
-    step, samples_seen, data_start = 0, 0, None
-    if resume_from is not None:
-        ema_sd, _ = ckpt.read_checkpoint(resume_from, "ema")
-        ema.module.load_state_dict(ema_sd)
-        state = ckpt.read_state(resume_from)
-        opt.load_state_dict(state["optimizer"])
-        step, samples_seen, ema.updates = int(state["step"]), int(state["samples_seen"]), int(state["ema_updates"])
-        ranks = state["data"]["ranks"]
-        data_start = ranks[rank] if state["data"]["world_size"] == world else None
-        if data_start is None and master:
-            log.warning("checkpoint written by %d processes, now %d: the data restarts at epoch 0",
-                        state["data"]["world_size"], world)
-    raw_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+    state = ckpt.restore_training(resume_from, ema, opt, rank, world) if resume_from else ckpt.TrainingState()
+    model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -------------------------------------------------------------------------
-    # data
-    data_cfg = DataConfig(shards=cfg.shards, batch_size=cfg.batch_size // world, crop_hw=crop_hw, train=True,
-                          shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, jitter=cfg.jitter,
-                          workers=cfg.workers, seed=cfg.seed)
-    loader = make_loader(data_cfg, rank, world, data_start, pin_memory=device.type == "cuda")
-    position = DataPosition(cfg.workers, data_start)
-    batches = iter(loader)
+    # data: this process's part of the shards, from where the checkpoint left it
+    batches = iter(make_loader(train_data_config(cfg, world), rank, world, state.data_start,
+                               pin_memory=device.type == "cuda"))
+    position = DataPosition(cfg.workers, state.data_start)
 
     # RNG last: nothing above may shift it between a straight run and a resumed one
-    torch.manual_seed(cfg.seed + 1000 * rank + step)
-    if resume_from is not None:
-        rng = state["rng"][rank] if len(state["rng"]) == world else state["rng"][0]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+    torch.manual_seed(cfg.seed + 1000 * rank + state.step)
+    if state.rng is not None:
+        ckpt.set_rng_state(state.rng, device)
 
+    # the loop
     meta = {"model_name": model_name, "model_config": model_config_dict(raw_model), "stage": cfg.stage,
             "convention": convention, "train_config": asdict(cfg)}
-
-    def save(at_step: int) -> Path | None:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        data_states, rngs = [position.state()], [rng]
-        if world > 1:  # every rank's data position and RNG, so that all of them resume exactly
-            data_states, rngs = [None] * world, [None] * world
-            dist.all_gather_object(data_states, position.state())
-            dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
-        path = None
-        if master:
-            state = {"step": at_step, "samples_seen": samples_seen, "ema_updates": ema.updates,
-                     "optimizer": opt.state_dict(), "rng": rngs,
-                     "data": {"world_size": world, "ranks": data_states}}
-            path = ckpt.save_checkpoint(out, at_step, raw_model.state_dict(), ema.module.state_dict(),
-                                        {**meta, "samples_seen": samples_seen}, state, keep=cfg.keep)
-        if world > 1:
-            dist.barrier()
-        return path
-
-    # -------------------------------------------------------------------------
-    # the loop
-    from tqdm import tqdm
-
-    runlog = RunLog(out, master)
-    keys_file = open(out / f"keys-rank{rank}.tsv", "a") if cfg.log_keys else None  # noqa: SIM115
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (master and cfg.progress), dynamic_ncols=True,
-               unit="step", desc=cfg.stage)
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         log.info("%s: %s (%.2fM parameters) on %s x %d, %d steps from step %d, batch %d, crop %s", cfg.stage,
-                 model_name, n_params / 1e6, device, world, cfg.steps, step, cfg.batch_size, cfg.crop)
-    model.train()
-    start_step, t_start = step, time.perf_counter()
-    t_log, samples_log = t_start, samples_seen
-    window = torch.zeros((), device=device)
-    window_n, window_parts, first_loss, last_row, last_path = 0, {}, None, {}, None
+                 model_name, n_params / 1e6, device, world, cfg.steps, state.step, cfg.batch_size, cfg.crop)
+    runlog = RunLog(out, master, device, world, state.samples_seen)
+    keys = KeyLog(out / f"keys-rank{rank}.tsv" if cfg.log_keys else None)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (master and cfg.progress), dynamic_ncols=True,
+               unit="step", desc=cfg.stage)
+    step, samples_seen, last_path = state.step, state.samples_seen, None
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    model.train()
     while step < end:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = next(batches)
         position.update(batch)
-        if step == start_step:  # a run that can only produce zero losses should say so at once
-            need = "has_depth" if cfg.stage == "pretrain" else "has_gt"
-            if not batch[need].any():
-                log.warning("rank %d: no sample of the first batch has %s.png: the %s loss is 0 on such "
-                            "samples; check --shards", rank, need[4:], cfg.stage)
-        if keys_file is not None:
-            keys_file.writelines(f"{step}\t{int(e)}\t{k}\n" for e, k in zip(batch["epoch"], batch["key"], strict=True))
+        if step == state.step:
+            check_first_batch(batch, cfg.stage, rank)
+        keys.write(step, batch)
         batch = to_device(batch, device)
 
         rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
@@ -380,49 +403,26 @@ def train(cfg: TrainConfig) -> dict:
         ema.update(raw_model)
         step += 1
         samples_seen += cfg.batch_size
-        window += loss.detach()
-        window_n += 1
-        for k, v in parts.items():
-            if k != "loss":  # distill_loss's components are floats already (it syncs once per step)
-                window_parts[k] = window_parts.get(k, 0.0) + float(v)
+        runlog.add(loss, parts)
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == end:
-            stats = torch.stack([window / window_n, grad_norm.detach().float(),
-                                 torch.tensor(float(position.skipped), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats[:2] /= world
-            mean_loss, gn, skipped = stats.tolist()
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower --lr or check the data")
-            now = time.perf_counter()
-            sps = (samples_seen - samples_log) / max(now - t_log, 1e-9)
-            first_loss = mean_loss if first_loss is None else first_loss
-            last_row = {"step": step, "samples": samples_seen, "loss": mean_loss, "lr": lr, "grad_norm": gn,
-                        "samples_per_s": sps, "skipped": int(skipped), "elapsed_s": now - t_start,
-                        **{k: v / window_n for k, v in window_parts.items()}}
-            runlog.write(last_row)
-            bar.set_postfix(loss=f"{mean_loss:.4g}", sps=f"{sps:.1f}", skipped=int(skipped))
-            t_log, samples_log, window, window_n, window_parts = now, samples_seen, torch.zeros((), device=device), 0, {}
+            row = runlog.end_window(step, samples_seen, lr, grad_norm, position.skipped)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", sps=f"{row['samples_per_s']:.1f}", skipped=row["skipped"])
         if step % cfg.ckpt_every == 0 or step == end:
-            last_path = save(step) or last_path
+            last_path = ckpt.save_training(out, step, samples_seen, raw_model, ema, opt, position.state(), meta,
+                                           cfg.keep) or last_path
 
     bar.close()
     runlog.close()
-    if keys_file is not None:
-        keys_file.close()
+    keys.close()
     del batches
-    wall = time.perf_counter() - t_start
     summary = {"stage": cfg.stage, "model": model_name, "parameters": n_params, "steps": step,
-               "steps_this_run": step - start_step, "samples_seen": samples_seen, "world_size": world,
-               "device": str(device), "amp_bf16": amp, "first_loss": first_loss,
-               "final_loss": last_row.get("loss"), "final": last_row, "skipped_samples": last_row.get("skipped", 0),
-               "samples_per_s": (step - start_step) * cfg.batch_size / max(wall, 1e-9), "wall_s": wall,
+               "steps_this_run": step - state.step, "samples_seen": samples_seen, "world_size": world,
+               "device": str(device), "amp_bf16": amp, **runlog.summary(samples_seen - state.samples_seen),
                "checkpoint": str(last_path) if last_path else None, "out": str(out)}
     if master and cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(summary, indent=2))
+        write_json(cfg.json, summary)
     if world > 1:
         dist.destroy_process_group()
     return summary

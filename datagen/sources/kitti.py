@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS
+from datagen.lidar import KITTI_MOUNT
 from datagen.lidar_fit import read_pose
+from datagen.lidar_patterns import LIDAR_PRESETS
 from shared.depth import CodecError, decode_depth_png
 
 from .base import InputError, Item, Record, Source, assign_keys, load_rgb

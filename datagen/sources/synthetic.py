@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.lidar import get_pattern
-from datagen.synthetic import FAMILIES
+from datagen.lidar import simulate_sparse_depth
+from datagen.lidar_patterns import get_pattern
+from datagen.mesh import Mesh
+from datagen.rig import accumulated_gt, kitti_pattern
+from datagen.synthetic import FAMILIES, render_scene
 from shared.camera import make_K
 
 from .base import InputError, Item, Record, Source, make_key
@@ -128,8 +131,6 @@ only, default default)."""
         return out
 
     def load(self, item: Item) -> Record:
-        from datagen.synthetic import render_scene
-
         fam, s = item.extra["family"], int(item.extra["scene_seed"])
         w, h = self.size(fam)
         K = None
@@ -149,10 +150,6 @@ only, default default)."""
         return rec
 
     def _label(self, rec: Record, scene, seed: int) -> None:
-        from datagen.lidar import simulate_sparse_depth
-        from datagen.mesh import Mesh
-        from datagen.rig import accumulated_gt, kitti_pattern
-
         lidar_rng, mask_rng = (np.random.default_rng(q) for q in np.random.SeedSequence([seed, 1]).spawn(2))
         mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else "grid"
         if self.options["rig"] == "kitti":  # the benchmark's target: scaled hdl64, an HDL-64E-like sensor

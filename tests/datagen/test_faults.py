@@ -25,15 +25,9 @@ import pytest
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from datagen.pipeline import (  # noqa: E402
-    ROWS_SUFFIX,
-    PipelineError,
-    RunConfig,
-    process_shard,
-    run,
-    shard_name,
-    write_tables,
-)
+from datagen.pipeline import process_shard, run  # noqa: E402
+from datagen.settings import PipelineError, RunConfig  # noqa: E402
+from datagen.shard_files import ROWS_SUFFIX, shard_name, write_tables  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
 from datagen.teacher import OracleTeacher  # noqa: E402
 from shared.shard import TMP_MARK, validate_shard  # noqa: E402
@@ -42,12 +36,9 @@ N, SHARD, SEED = 24, 2, 5
 OPTS = {"width": 64, "height": 48, "seed": SEED}
 
 
-def task_cfg() -> dict:
+def task_cfg() -> RunConfig:
     """The settings a shard task gets from the driver, for the job the CLI runs with ARGS below."""
-    d = RunConfig()
-    cfg = {k: getattr(d, k) for k in ("intrinsics", "lidar", "mesh", "occlusion", "mount", "lidar_noise_m",
-                                      "lidar_dropout", "max_size", "rgb_format", "teacher_batch")}
-    return {**cfg, "source": "synthetic", "root": None, "source_options": dict(OPTS), "seed": SEED}
+    return RunConfig(source="synthetic", source_options=dict(OPTS), seed=SEED)
 
 
 def reference(out: Path) -> Path:

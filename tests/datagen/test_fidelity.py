@@ -5,7 +5,8 @@ import pytest
 
 from datagen.fidelity import ScanRays, scan_fidelity, scan_ranges, scan_ray_set
 from datagen.heightfield import grid_surface
-from datagen.lidar import LIDAR_PRESETS, Mount
+from datagen.lidar import Mount
+from datagen.lidar_patterns import LIDAR_PRESETS
 from shared.camera import make_K
 
 W, H = 8, 6

@@ -1,17 +1,8 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import (
-    KITTI_MOUNT,
-    LIDAR_PRESETS,
-    LidarPattern,
-    Mount,
-    get_pattern,
-    project_scan,
-    sample_mount,
-    simulate_scan,
-    simulate_sparse_depth,
-)
+from datagen.lidar import KITTI_MOUNT, Mount, project_scan, sample_mount, simulate_scan, simulate_sparse_depth
+from datagen.lidar_patterns import LIDAR_PRESETS, LidarPattern, get_pattern
 from datagen.mesh import Mesh, grid_mesh, poisson_mesh
 from shared.camera import make_K
 
@@ -26,7 +17,7 @@ def _plane_depth(n, c, K=K, h=H, w=W):
     return c / (r @ np.asarray(n, np.float64))
 
 
-def _elevation_deg(p):
+def elevation_deg(p):
     return np.degrees(np.arcsin(-p[:, 1] / np.linalg.norm(p, axis=1)))
 
 
@@ -72,7 +63,7 @@ def test_rays_follow_the_pattern():
     p = LIDAR_PRESETS["vlp16"]
     d, ring = p.rays(-10.0, 10.0, phase_deg=0.05)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0)
-    np.testing.assert_allclose(_elevation_deg(d), p.elevations_deg[ring], atol=1e-9)
+    np.testing.assert_allclose(elevation_deg(d), p.elevations_deg[ring], atol=1e-9)
     az = np.degrees(np.arctan2(d[:, 0], d[:, 2]))
     assert az.min() >= -10 and az.max() <= 10
     k = (az - 0.05) / 0.2
@@ -270,7 +261,7 @@ def test_rings_hit_a_scene_filling_the_view(preset):
     assert pat.elevations_deg.max() < 45 and pat.elevations_deg.min() > -45
     depth = np.full((H, W), 10.0, np.float32)
     scan = simulate_scan(grid_mesh(depth, K_WIDE), pat, Mount(), K_WIDE, W, H, np.random.default_rng(0))
-    el = _elevation_deg(scan.points_cam - scan.origin_cam)
+    el = elevation_deg(scan.points_cam - scan.origin_cam)
     distinct = np.unique(np.round(el, 2))
     assert len(distinct) <= pat.n_rings
     assert len(np.unique(scan.ring)) <= pat.n_rings

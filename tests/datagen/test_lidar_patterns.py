@@ -3,17 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from datagen.lidar import (
+from datagen.lidar import Mount, simulate_scan, simulate_sparse_depth
+from datagen.lidar_patterns import (
     LIVOX_FOV_DEG,
     LidarPattern,
-    Mount,
     density_pattern,
     fov_coverage,
     get_pattern,
     load_pattern,
     save_pattern,
-    simulate_scan,
-    simulate_sparse_depth,
 )
 from datagen.mesh import Mesh
 from shared.camera import make_K

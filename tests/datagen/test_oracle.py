@@ -14,8 +14,9 @@ from datagen.oracle import (
     REFERENCES,
     TeacherErrors,
     footprint_width,
+    oracle_teacher,
 )
-from datagen.synthetic import FAMILIES, MAX_DEPTH_M, oracle_teacher, render_scene
+from datagen.synthetic import FAMILIES, MAX_DEPTH_M, render_scene
 from shared.relative_depth import relative_depth_errors
 
 W, H = 96, 64

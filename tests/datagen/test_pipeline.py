@@ -20,14 +20,10 @@ from fixtures import make_bad_images, make_folder, make_kitti, make_nyu  # noqa:
 from typer.testing import CliRunner  # noqa: E402
 
 from datagen.cli import app  # noqa: E402
-from datagen.pipeline import (  # noqa: E402
-    PipelineError,
-    RunConfig,
-    process_shard,
-    run,
-    sample_seed,
-    shard_name,
-)
+from datagen.pipeline import process_shard, run  # noqa: E402
+from datagen.sample import sample_seed  # noqa: E402
+from datagen.settings import PipelineError, RunConfig  # noqa: E402
+from datagen.shard_files import shard_name  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
 from datagen.teacher import OracleTeacher, save_random_teacher  # noqa: E402
 from shared.shard import iter_samples, list_shards, validate_shard  # noqa: E402
@@ -104,9 +100,7 @@ def test_synthetic_oracle_deterministic_and_resumable(tmp_path):
     assert tables(tmp_path / "b" / "synthetic") == (manifest, failures)
     plain = tmp_path / "plain"
     plain.mkdir()
-    cfg = {**SYN, "root": None, "intrinsics": "random", "seed": 0, "lidar": "hdl64", "mesh": "grid",
-           "occlusion": "none", "mount": "random", "lidar_noise_m": 0.0, "lidar_dropout": 0.0, "max_size": 1280,
-           "rgb_format": "jpg", "teacher_batch": 8, "source_options": {"width": 96, "height": 64, "count": 7}}
+    cfg = RunConfig(**{**SYN, "source_options": {"width": 96, "height": 64, "count": 7}})
     rows = process_shard(cfg, 1, items[3:6], None, OracleTeacher().info(), str(plain))
     assert (plain / "synthetic-000001.tar").read_bytes() == (out / "synthetic-000001.tar").read_bytes()
     assert rows["keys"] == [it.key for it in items[3:6]] and rows["samples"] == 3
@@ -241,20 +235,20 @@ def test_job_file_from_before_teacher_kinds_still_resumes(tmp_path):
     metric teacher in that folder is refused. teacher_about (licence, ...) is written but never compared."""
     from dataclasses import replace
 
-    from datagen.pipeline import FINGERPRINT_DEFAULTS, _check_job_file, _fingerprint
+    from datagen.pipeline import check_job_file
 
-    cfg = RunConfig(source="folder", root="/x", teacher="/m")
-    now = _fingerprint(cfg, "/m", "disparity")
-    old = {k: v for k, v in now.items() if k not in FINGERPRINT_DEFAULTS}
+    cfg = RunConfig(source="folder", root="/x", teacher="/m", teacher_output="disparity")  # as prepare fills it
+    old = {k: v for k, v in cfg.fingerprint().items() if k not in ("teacher_output", "metric_scale_jitter")}
     (tmp_path / "job.json").write_text(json.dumps(old))
-    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "mit"}}})
+    check_job_file(tmp_path, cfg, {"teacher_about": {"license": {"license": "mit"}}})
     written = json.loads((tmp_path / "job.json").read_text())
     assert written["teacher_output"] == "disparity" and written["teacher_about"]["license"]["license"] == "mit"
-    _check_job_file(tmp_path, now, {"teacher_about": {"license": {"license": "another card"}}})
+    check_job_file(tmp_path, cfg, {"teacher_about": {"license": {"license": "another card"}}})
+    (tmp_path / "job.json").write_text(json.dumps(old))
     with pytest.raises(PipelineError, match="teacher_output: 'disparity' before, 'metric' now"):
-        _check_job_file(tmp_path, _fingerprint(cfg, "/m", "metric"))
+        check_job_file(tmp_path, replace(cfg, teacher_output="metric"))
     with pytest.raises(PipelineError, match="metric_scale_jitter"):
-        _check_job_file(tmp_path, _fingerprint(replace(cfg, metric_scale_jitter=0.2), "/m", "disparity"))
+        check_job_file(tmp_path, replace(cfg, metric_scale_jitter=0.2))
 
 
 def test_cli(tmp_path):
@@ -281,26 +275,25 @@ def test_cli(tmp_path):
 
 def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
     """--hidden-geometry/--no-hidden-geometry and --sensor reach the sample, its meta.json and job.json."""
-    from datagen.lidar import get_sensor
-    from datagen.pipeline import ConfigError, _fingerprint, prepare
+    from datagen.pipeline import prepare
+    from datagen.sensor import get_sensor
+    from datagen.settings import ConfigError
 
     items = get_source("synthetic", None, count=1, width=96, height=64).items()
-    base = {**SYN, "root": None, "intrinsics": "random", "seed": 0, "lidar": "hdl64", "mesh": "grid",
-            "occlusion": "none", "mount": "kitti", "lidar_noise_m": 0.0, "lidar_dropout": 0.0, "max_size": 1280,
-            "rgb_format": "jpg", "teacher_batch": 8, "source_options": {"width": 96, "height": 64, "count": 1}}
+    base = {**SYN, "mount": "kitti", "source_options": {"width": 96, "height": 64, "count": 1}}
     metas = {}
     for name, extra in (("default", {}), ("off", {"hidden_geometry": False}), ("real", {"sensor": "realistic"})):
         out = tmp_path / name
         out.mkdir()
-        process_shard({**base, **extra}, 0, items, None, OracleTeacher().info(), str(out))
+        process_shard(RunConfig(**base, **extra), 0, items, None, OracleTeacher().info(), str(out))
         metas[name] = next(iter_samples(str(out))).meta["lidar"]
     assert metas["default"]["hidden_geometry"] is True and metas["off"]["hidden_geometry"] is False  # kitti: on
     assert get_sensor(metas["default"]["sensor"]) == get_sensor("ideal")
     assert get_sensor(metas["real"]["sensor"]) == get_sensor("realistic")
-    fp = _fingerprint(RunConfig(**SYN), "oracle", "disparity")
+    fp = prepare(RunConfig(**SYN, limit=1))[0].fingerprint()
     assert fp["hidden_geometry"] is None and fp["sensor"] == "ideal"
-    assert _fingerprint(RunConfig(**SYN, hidden_geometry=False), "oracle", "disparity") != fp
-    assert _fingerprint(RunConfig(**SYN, sensor="realistic"), "oracle", "disparity") != fp
+    assert prepare(RunConfig(**SYN, limit=1, hidden_geometry=False))[0].fingerprint() != fp
+    assert prepare(RunConfig(**SYN, limit=1, sensor="realistic"))[0].fingerprint() != fp
     with pytest.raises(ConfigError, match="sensor"):
         prepare(RunConfig(**SYN, sensor="realistic:bogus=1"))
     with pytest.raises(ConfigError, match="grid"):

@@ -20,6 +20,7 @@ pytest.importorskip("psutil")
 from raynodes import Node, free_port, head_args  # noqa: E402
 
 from datagen.pipeline import process_shard  # noqa: E402
+from datagen.settings import RunConfig  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
 from datagen.teacher import OracleTeacher  # noqa: E402
 from shared.shard import validate_shard  # noqa: E402
@@ -58,9 +59,7 @@ def test_run_against_a_ray_head(ray_head, tmp_path):
     for name in ("synthetic-000000.tar", "synthetic-000001.tar"):
         assert validate_shard(job / name).ok
     # the cluster wrote what a plain call of the shard function writes
-    cfg = {"source": "synthetic", "root": None, "intrinsics": "random", "seed": 0, "lidar": "hdl64", "mesh": "grid",
-           "occlusion": "none", "mount": "random", "lidar_noise_m": 0.0, "lidar_dropout": 0.0, "max_size": 1280,
-           "rgb_format": "jpg", "teacher_batch": 8, "source_options": {"width": 96, "height": 64, "seed": 0}}
+    cfg = RunConfig(source="synthetic", source_options={"width": 96, "height": 64, "seed": 0})
     plain = tmp_path / "plain"
     plain.mkdir()
     process_shard(cfg, 1, items[3:], None, OracleTeacher().info(), str(plain))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, get_pattern, simulate_sparse_depth
+from datagen.lidar import KITTI_MOUNT, simulate_sparse_depth
+from datagen.lidar_patterns import LIDAR_PRESETS, get_pattern
 from datagen.mesh import Mesh
 from datagen.rig import accumulated_gt, frame_scale, kitti_pattern, scaled_pattern
 from datagen.sources.synthetic import SyntheticSource, random_K

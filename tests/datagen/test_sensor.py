@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 
 from datagen.heightfield import grid_surface
-from datagen.lidar import (
-    LIDAR_PRESETS,
-    Mount,
-    get_pattern,
-    get_sensor,
-    load_pattern,
-    save_pattern,
-    simulate_scan,
-    simulate_sparse_depth,
-)
-from datagen.sensor import SENSOR_PRESETS, SensorModel
+from datagen.lidar import Mount, simulate_scan, simulate_sparse_depth
+from datagen.lidar_patterns import LIDAR_PRESETS, get_pattern, load_pattern, save_pattern
+from datagen.sensor import SENSOR_PRESETS, SensorModel, get_sensor
 from shared.camera import make_K
 
 W, H = 160, 120

@@ -4,8 +4,10 @@ goes through the code that `trainer eval --sparsity` uses (shared.sparsity)."""
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, LIDAR_PRESETS, Mount, project_scan, simulate_scan
-from datagen.pipeline import build_sample, sample_rngs
+from datagen.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
+from datagen.lidar_patterns import LIDAR_PRESETS
+from datagen.sample import make_sample
+from datagen.settings import RunConfig
 from datagen.sources import get_source
 from datagen.sources.kitti import velodyne_pose
 from datagen.synthetic import render_scene
@@ -87,16 +89,15 @@ def test_datagen_lidar_pixel_protocols_pick_pixels_of_the_pseudo_depth(spec):
     src = get_source("synthetic", None, count=1, width=160, height=96)
     record = src.load(src.items()[0])
     disparity = np.where(record.true_depth > 0, 1.0 / np.maximum(record.true_depth, 1e-6), 0).astype(np.float32)
-    cfg = {"lidar": spec, "mesh": "grid", "occlusion": "none", "mount": "random", "lidar_noise_m": 0.0,
-           "lidar_dropout": 0.0, "native_K": True}
-    sample = build_sample(record, disparity, cfg, 7, sample_rngs(7), {"model": "oracle"})
+    cfg = RunConfig(lidar=spec, seed=7)
+    sample = make_sample(record, (disparity, {}), cfg, native_K=True, teacher_info={"model": "oracle"})
     n = int(spec.split(":")[1])
     assert sample.meta["lidar"]["preset"] == spec and sample.meta["lidar"]["n_points"] == np.count_nonzero(sample.sparse)
     has = sample.sparse > 0
     assert np.array_equal(sample.sparse[has], sample.depth[has])  # values of the pseudo depth, where it has them
     if spec.startswith("points"):
         assert has.sum() == n
-        again = build_sample(record, disparity, cfg, 7, sample_rngs(7), {"model": "oracle"})
+        again = make_sample(record, (disparity, {}), cfg, native_K=True, teacher_info={"model": "oracle"})
         assert np.array_equal(again.sparse, sample.sparse)  # seeded per sample
     else:  # the very keypoints eval's keypoints:N takes, found in the sample's own image
         assert 0 < has.sum() <= n

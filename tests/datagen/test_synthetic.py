@@ -99,7 +99,7 @@ def test_render_accepts_a_given_K():
 def test_source_carries_object_ids_and_downscale_keeps_them_ids():
     """The synthetic source hands the oracle the scene's object ids; shrinking an unlabelled record shrinks
     them by nearest neighbour (ids are labels: never blended)."""
-    from datagen.pipeline import downscale
+    from datagen.sample import downscale
     from datagen.sources import get_source
     from datagen.sources.synthetic import DEFAULT_SIZE
 

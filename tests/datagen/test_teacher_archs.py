@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from datagen.disparity import disparity_to_depth  # noqa: E402
-from datagen.pipeline import build_sample, sample_rngs, sample_seed  # noqa: E402
 from datagen.pseudo_depth import SATURATION, relative_depth_to_depth  # noqa: E402
+from datagen.sample import make_sample, sample_rngs, sample_seed  # noqa: E402
+from datagen.settings import RunConfig  # noqa: E402
 from datagen.sources.base import Record  # noqa: E402
 from datagen.teacher import DepthTeacher, TeacherFeed, save_random_teacher, teacher_profile  # noqa: E402
 from datagen.teacher_prep import _pil_resize, load_transforms  # noqa: E402
@@ -270,16 +271,14 @@ def test_each_architecture_into_a_shard(arch, teachers, images, tmp_path):
     a shard and read back: teacher.png holds the teacher's own map, depth.png honours the output kind."""
     teacher, kind = teachers[arch], EXPECTED[arch][0]
     info = teacher.info()
-    cfg = {"native_K": False, "lidar": "vlp16", "mesh": "grid", "occlusion": "none", "mount": "none",
-           "lidar_noise_m": 0.0, "lidar_dropout": 0.0}
+    cfg = RunConfig(lidar="vlp16", mount="none")
     results = teacher.predict_with_info(images[:2])
     writer = ShardWriter(tmp_path / "t-000000.tar")
     expected = {}
     for n, (image, (teacher_map, facts)) in enumerate(zip(images[:2], results, strict=True)):
         record = Record(key=f"t-{n}", source="folder", source_path=f"/x/{n}.jpg", rgb=image)
         seed = sample_seed(0, record.key)
-        sample = build_sample(record, teacher_map, cfg, seed, sample_rngs(seed),
-                              {**info, "per_image": facts} if facts else info)
+        sample = make_sample(record, (teacher_map, facts), cfg, native_K=False, teacher_info=info)
         writer.write(encode_sample(sample))
         ref = _pseudo_depth_reference(kind, teacher_map, info["ceiling_m"], sample_rngs(seed)["depth"])
         expected[record.key] = (teacher_map, ref, facts)

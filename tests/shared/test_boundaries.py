@@ -68,6 +68,6 @@ def test_importing_all_of_datagen_never_loads_trainer():
     assert "trainer" not in modules_after(code)
 
 
-def test_only_pipeline_imports_ray():
+def test_only_the_ray_runner_imports_ray():
     users = [str(p.relative_to(ROOT)) for p in (ROOT / "datagen").rglob("*.py") if "ray" in _imported_roots(p)]
-    assert set(users) <= {"datagen/pipeline.py"}, users
+    assert set(users) <= {"datagen/ray_runner.py"}, users

@@ -321,7 +321,7 @@ def test_trainer_loader_and_datagen_inspect_write_nothing_outside(hostile, tmp_p
 
 def test_predict_refuses_a_hostile_key_and_writes_only_under_out(hostile, tmp_path):
     from trainer import checkpoint as ckpt
-    from trainer.evaluate import predict
+    from trainer.evaluate import InferenceOptions, predict
     from trainer.model import build_model, model_config_dict
 
     shard, outside, snapshot = hostile
@@ -333,7 +333,7 @@ def test_predict_refuses_a_hostile_key_and_writes_only_under_out(hostile, tmp_pa
     before = snapshot()
     out = shard.parent / "preds"
     # decode_sample refuses the hostile keys, so the loader skips those samples (and counts them)
-    res = predict(str(run), str(shard), str(out), previews=8, device="cpu")
+    res = predict(str(run), str(shard), str(out), previews=8, opts=InferenceOptions(device="cpu"))
     assert res["written"] == 1 and sorted(p.name for p in out.glob("*.png")) == ["good-0000.png"]
     new = snapshot() - before
     assert all(p == "a/b/preds" or p.startswith("a/b/preds/") for p in new), new
@@ -350,7 +350,8 @@ def test_predict_refuses_a_hostile_key_and_writes_only_under_out(hostile, tmp_pa
             info = tarfile.TarInfo(f"good-0000.{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    res = predict(str(run), str(good), str(shard.parent / "preds2"), previews=1, device="cpu")
+    res = predict(str(run), str(good), str(shard.parent / "preds2"), previews=1,
+                  opts=InferenceOptions(device="cpu"))
     assert res["written"] == 1 and (shard.parent / "preds2" / "good-0000.png").is_file()
 
 

@@ -75,8 +75,9 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
     training too, the checkpoints record "nyu", and eval/predict then need no --convention (and refuse a
     contradicting one)."""
     import trainer.model as tm
+    import trainer.train as tt
     from trainer.checkpoint import export_weights, read_checkpoint, resolve
-    from trainer.evaluate import evaluate, load_for_inference
+    from trainer.evaluate import InferenceOptions, evaluate, load_for_inference
     from trainer.train import TrainConfig, train
 
     write_shards(tmp_path / "s", 1, 4)
@@ -89,7 +90,7 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
         seen.append(convention)
         return real(rgb_raw, sparse, convention)
 
-    monkeypatch.setattr(tm, "network_inputs", spy)
+    monkeypatch.setattr(tt, "network_inputs", spy)  # the name the training loop calls
     cfg = TrainConfig(stage="finetune", shards=str(tmp_path / "s"), out=str(tmp_path / "ft"), init=str(pth),
                       model="tiny", convention="nyu", steps=2, batch_size=2, crop="64x96", workers=0,
                       log_every=1, ckpt_every=10_000, progress=False)
@@ -101,7 +102,8 @@ def test_finetune_from_an_original_nyu_pth_feeds_and_records_its_convention(tmp_
     for src in (ckpt, export):
         assert load_for_inference(str(src), device="cpu")[1]["convention"] == "nyu"
     with pytest.raises(ValueError, match="'nyu' input convention"):
-        evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", convention="kitti", device="cpu")
-    assert evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", device="cpu")["convention"] == "nyu"
+        evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu", opts=InferenceOptions(convention="kitti", device="cpu"))
+    assert evaluate(str(ckpt), str(tmp_path / "s"), kind="nyu",
+                    opts=InferenceOptions(device="cpu"))["convention"] == "nyu"
     # a new network, or an original .pth without --convention, is a KITTI-convention one
     assert load_for_inference(str(pth), "tiny", device="cpu")[1]["convention"] == "kitti"

@@ -2,8 +2,8 @@
 
 tests/trainer/test_resume.py already covers a write that raises half-way in the same process; here a
 real training process is SIGKILLed while a checkpoint file is half on disk (no `except`, no `finally`
-runs), once in the weights' write and once in `latest`'s. The kill lands in the write by
-construction: the child's `_write_all` writes half the bytes, fsyncs them, says so on stdout and waits;
+runs), once in the weights' write and once in `latest`'s. The kill lands in the write by construction:
+the child's `shared.fsutil._write_all` writes half the bytes, fsyncs them, says so on stdout and waits;
 the parent kills it then. Afterwards the previous checkpoint loads and `--resume` ends with the weights
 of a run that was never interrupted.
 """
@@ -28,10 +28,10 @@ from trainer.train import TrainConfig, train
 # the child: train, but block half-way through the argv[3]-th write of a file named argv[2]...
 CHILD = r"""
 import json, os, sys, time
-from trainer import checkpoint as ckpt
+from shared import fsutil
 from trainer.train import TrainConfig, train
 
-real, prefix, nth = ckpt._write_all, sys.argv[2], int(sys.argv[3])
+real, prefix, nth = fsutil._write_all, sys.argv[2], int(sys.argv[3])
 seen = [0]
 
 def half_then_wait(f, data, chunk=1 << 22):
@@ -44,7 +44,7 @@ def half_then_wait(f, data, chunk=1 << 22):
         time.sleep(600)
     real(f, data, chunk)
 
-ckpt._write_all = half_then_wait
+fsutil._write_all = half_then_wait
 train(TrainConfig(**json.loads(sys.argv[1])))
 print("FINISHED", flush=True)
 """

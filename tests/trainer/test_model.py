@@ -20,7 +20,6 @@ from trainer.model import (
     load_original_checkpoint,
     model_config_dict,
     normalize_rgb,
-    register_model,
 )
 
 # Every tensor name and shape of the original BP-Net (from the project's shared notes), kept in the
@@ -204,7 +203,7 @@ def test_kernel_head_weights_sum_to_one_with_centre_in_the_middle(k):
     assert torch.all(off.abs().sum(1) <= 1 + 1e-6) and raw.shape[1] == k * k - 1
 
 
-def test_presets_config_round_trip_and_registry():
+def test_presets_config_round_trip():
     assert MULTISCALE_WEIGHTS == tuple(4.0 ** -(5 - i) for i in range(6))
     for cfg in MODEL_PRESETS.values():
         assert config_from_dict(json.loads(json.dumps(model_config_dict(cfg)))) == cfg
@@ -215,10 +214,10 @@ def test_presets_config_round_trip_and_registry():
     assert rebuilt.config == model.config == MODEL_PRESETS["tiny"]
     assert {k: shape_of(v) for k, v in rebuilt.state_dict().items()} == {
         k: shape_of(v) for k, v in model.state_dict().items()}
-    register_model("tiny-deep-cspn", ModelConfig(**{**model_config_dict(MODEL_PRESETS["tiny"]),
-                                                     "cspn_iters": (4,) * 6}))
-    m = build_model("tiny-deep-cspn")
+    m = build_model(ModelConfig(**{**model_config_dict(MODEL_PRESETS["tiny"]), "cspn_iters": (4,) * 6}))
     assert isinstance(m, BPNet) and m.pred0.cspn.iters == 4
+    with pytest.raises(ValueError, match="architecture"):
+        build_model({**model_config_dict(MODEL_PRESETS["tiny"]), "arch": "other"})
 
 
 def test_tiny_checkpoint_round_trip_gives_same_outputs(tmp_path):

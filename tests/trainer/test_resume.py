@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import write_shards
 
+from shared import fsutil
 from trainer import checkpoint as ckpt
 from trainer.train import TrainConfig, train
 
@@ -48,13 +49,13 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     train(dataclasses.replace(cfg, stop_at=4))
     before = weights(ckpt.latest_checkpoint(tmp_path / "run"))
 
-    real_write_all = ckpt._write_all
+    real_write_all = fsutil._write_all
 
     def dying_write(f, data, chunk=1 << 22):
         real_write_all(f, data[: len(data) // 2], chunk)  # half the bytes reach the disk, then the "crash"
         raise OSError("simulated crash during a checkpoint write")
 
-    monkeypatch.setattr(ckpt, "_write_all", dying_write)
+    monkeypatch.setattr(fsutil, "_write_all", dying_write)
     with pytest.raises(OSError, match="simulated crash"):
         train(dataclasses.replace(cfg, resume=True))
     monkeypatch.undo()

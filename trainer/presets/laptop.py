@@ -1,7 +1,6 @@
 """Defaults that finish on a laptop CPU: the small network (bpnet-s) and 128 x 256 crops, which fit
 inside both families of the synthetic world (street 192 x 608, room 192 x 256) without padding.
-Measured (bench/train.py): about 3 s per step at batch 4 on 2 shared cores, so pre-training takes
-~50 minutes there and fine-tuning ~25; a 4-8 core laptop is several times faster."""
+Time per step on a small CPU: docs/trainer.md (presets) and bench/RESULTS.md ("Training step")."""
 
 from trainer.train import TrainConfig
 

@@ -1,4 +1,4 @@
-"""The paper's setting (PAPER.md, "Paper settings"), with BP-Net's optimiser where the paper is silent.
+"""The DMD3C paper's training setting, with BP-Net's optimiser where the paper is silent.
 
 Paper: BP-Net, AdamW, weight decay 0.05, gradient clipping 0.1, batch 16 (4 x A100: 4 per GPU under
 torchrun --nproc_per_node 4). BP-Net's config (configs/): peak lr 1e-3, betas (0.9, 0.999), one-cycle
