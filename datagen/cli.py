@@ -16,6 +16,7 @@ from datagen.teacher import TeacherUnavailable
 from datagen.teacher_zoo import format_table
 from shared.inspect import format_summary, summarize
 from shared.inspect import preview as write_preview
+from shared.storage import StorageError, join
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(lidar_app, name="lidar", help="Scan patterns: fit one from your own scans, show one.")
@@ -28,7 +29,8 @@ def main() -> None:
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A shard (.tar), a directory of shards, or a glob."),
+    path: str = typer.Argument(..., help="A shard (.tar), a directory of shards, a glob, or the same in object "
+                               "storage (s3://bucket/prefix/)."),
     preview: Path | None = typer.Option(None, "--preview", help="Write a contact sheet PNG here."),
     samples: int = typer.Option(4, help="Samples in the preview."),
     limit: int | None = typer.Option(None, help="Read at most this many samples."),
@@ -36,8 +38,8 @@ def inspect(
 ) -> None:
     """Sample count, members, value ranges, LiDAR density and K of shards; optional preview."""
     try:
-        summary, kept = summarize(str(path), limit=limit, keep=samples if preview else 0)
-    except FileNotFoundError as exc:
+        summary, kept = summarize(path, limit=limit, keep=samples if preview else 0)
+    except (FileNotFoundError, StorageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(format_summary(summary))
@@ -66,11 +68,16 @@ def _parse_option(text: str) -> tuple[str, object]:
 def run(
     source: str = typer.Option("synthetic", help="coco, landmarks, nuscenes, cityscapes, davis, folder, synthetic, "
                                "kitti, nyu."),
-    root: Path | None = typer.Option(None, help="The data set's folder (not needed for synthetic)."),
-    out: Path = typer.Option(Path("shards"), help="Output folder; shards go to OUT/<source>/."),
+    root: str | None = typer.Option(None, help="The data set's folder (not needed for synthetic); folder and coco "
+                                    "also read s3://bucket/prefix (gs://, az://)."),
+    out: str = typer.Option("shards", help="Output folder or object-store prefix (s3://bucket/prefix, gs://, "
+                            "az://); shards go to OUT/<source>/."),
     workers: int | None = typer.Option(None, help="CPU workers (shard tasks at a time). Default: every core."),
     address: str | None = typer.Option(None, help="Ray cluster to join (host:port); default RAY_ADDRESS, "
                                        "else a local Ray on 127.0.0.1."),
+    runtime_env: str = typer.Option("auto", help="Code shipped to a cluster's nodes: full (datagen + shared and "
+                                    "their pip requirements), code (the packages only), off (an image with "
+                                    "the project), auto (full with --address, off for a local Ray)."),
     teacher: str | None = typer.Option(None, help="Hub id or local folder of any depth model transformers loads "
                                        "(see `datagen teachers`), or 'oracle'. Default: oracle for synthetic, "
                                        "Depth-Anything-V2-Large-hf (CC-BY-NC-4.0) otherwise."),
@@ -115,8 +122,8 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = dict(labelled=labelled, gt=gt, family=family, width=width, height=height)
     options.update(_parse_option(o) for o in option)
-    cfg = RunConfig(source=source, root=str(root) if root else None, out=str(out), workers=workers,
-                    address=address, teacher=teacher, teacher_replicas=teacher_replicas,
+    cfg = RunConfig(source=source, root=root or None, out=out, workers=workers,
+                    address=address, runtime_env=runtime_env, teacher=teacher, teacher_replicas=teacher_replicas,
                     teacher_batch=teacher_batch, teacher_output=teacher_output,
                     metric_scale_jitter=metric_scale_jitter, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
                     mesh=mesh, occlusion=occlusion, mount=mount, lidar_noise_m=lidar_noise_m,
@@ -134,7 +141,7 @@ def run(
         raise typer.Exit(1) from exc
     typer.echo(summary.format())
     if summary.failed:
-        typer.echo(f"failures are listed in {Path(summary.out_dir) / 'failures.parquet'}")
+        typer.echo(f"failures are listed in {join(summary.out_dir, 'failures.parquet')}")
 
 
 @app.command()

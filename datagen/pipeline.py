@@ -11,7 +11,6 @@ shard holds and which shards are finished. How and why: docs/pipeline.md ("Resum
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from datagen.job_lock import LockBusy, job_lock
 from datagen.lidar import simulate_sparse_depth
 from datagen.ray_runner import RayRunner, ShardLost, TeacherRequest
+from datagen.runtime_env import MODES as RUNTIME_ENV_MODES
 from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
 from datagen.sensor import get_sensor
 from datagen.settings import ConfigError, PipelineError, RunConfig, fingerprint_in
@@ -50,8 +51,8 @@ from datagen.teacher import (
     teacher_profile,
 )
 from datagen.teacher_zoo import TeacherOutputUnknown, license_line
+from shared import storage
 from shared.camera import make_K
-from shared.fsutil import atomic_write_bytes
 from shared.shard import encode_sample
 
 log = logging.getLogger("datagen")
@@ -151,7 +152,7 @@ def process_shard(cfg: RunConfig, index: int, items: list, teacher, teacher_info
     native_K = source.intrinsics == "native"
     feed = TeacherFeed(teacher_info, cfg.teacher_batch) if teacher is not None else None
     batch = max(1, int(cfg.teacher_batch))
-    with ShardOutput(Path(out_dir), shard_name(cfg.source, index), cfg.rgb_format) as shard:
+    with ShardOutput(out_dir, shard_name(cfg.source, index), cfg.rgb_format) as shard:
         pending = None  # the previous chunk: (its loaded inputs, its teacher request or None for the oracle)
         for start in range(0, len(items), batch):
             loaded = load_records(source, items[start:start + batch], cfg.max_size, shard)
@@ -196,6 +197,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     (teacher_profile)."""
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    out = _checked_out(cfg)
     _check_lidar_settings(cfg)
     source_options = {k: v for k, v in cfg.source_options.items() if v is not None}
     if cfg.source == "synthetic":
@@ -221,7 +223,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     except TeacherOutputUnknown as exc:
         raise ConfigError(f"teacher {teacher}: {exc}") from exc
     # the kind in use, however it was decided (the model's config, datagen's table or --teacher-output)
-    cfg = replace(cfg, source_options=source_options, teacher=teacher, teacher_output=profile["output"])
+    cfg = replace(cfg, source_options=source_options, teacher=teacher, teacher_output=profile["output"], out=out)
     items = source.items()
     if cfg.limit is not None:
         items = items[:cfg.limit]
@@ -229,6 +231,17 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     if dup:
         raise ConfigError(f"source {cfg.source} gave duplicate keys, e.g. {dup[0]}")
     return cfg, items, resolved, profile
+
+
+def _checked_out(cfg: RunConfig) -> str:
+    """--out as a local folder or a checked object-store URL (a URL never becomes a local path); --runtime-env
+    a known mode. --root is checked by the source (only some read object storage)."""
+    if cfg.runtime_env not in RUNTIME_ENV_MODES:
+        raise ConfigError(f"--runtime-env must be one of {', '.join(RUNTIME_ENV_MODES)}, got {cfg.runtime_env!r}")
+    try:
+        return storage.check(cfg.out, "--out")
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_lidar_settings(cfg: RunConfig) -> None:
@@ -241,13 +254,13 @@ def _check_lidar_settings(cfg: RunConfig) -> None:
         raise ConfigError(f"--hidden-geometry applies to --mesh grid, not {cfg.mesh!r}")
 
 
-def check_job_file(out_dir: Path, cfg: RunConfig, about: dict | None = None) -> None:
+def check_job_file(out_dir: str | Path, cfg: RunConfig, about: dict | None = None) -> None:
     """Refuse an output folder whose shards were made with other settings of the bytes; write job.json: our
     fingerprint plus `about` (facts that do not change the bytes, such as the teacher's licence: not compared)."""
-    path, fingerprint = out_dir / JOB_FILE, cfg.fingerprint()
-    if path.is_file():
+    path, fingerprint = storage.join(out_dir, JOB_FILE), cfg.fingerprint()
+    if storage.is_file(path):
         try:
-            old = fingerprint_in(json.loads(path.read_text()))
+            old = fingerprint_in(json.loads(storage.read_bytes(path)))
         except ValueError:
             old = None
         if old is not None and old != fingerprint:
@@ -255,7 +268,7 @@ def check_job_file(out_dir: Path, cfg: RunConfig, about: dict | None = None) -> 
                              if old.get(k) != v)
             raise PipelineError(f"{out_dir} holds shards made with other settings ({diff}); "
                                 "use another --out or remove that folder")
-    atomic_write_bytes(path, json.dumps({**fingerprint, **(about or {})}, indent=1, sort_keys=True).encode())
+    storage.write_bytes(path, json.dumps({**fingerprint, **(about or {})}, indent=1, sort_keys=True).encode())
 
 
 def run(cfg: RunConfig) -> RunSummary:
@@ -264,30 +277,24 @@ def run(cfg: RunConfig) -> RunSummary:
     cfg, items, teacher_resolved, profile = prepare(cfg)
     lic = profile["license"]
     (log.warning if lic["non_commercial"] else log.info)("%s", license_line(cfg.teacher, lic))
-    out_dir = Path(cfg.out) / cfg.source
+    out_dir = storage.join(cfg.out, cfg.source)  # a local folder or an object-store URL (prepare checked it)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out_dir)
     except OSError as exc:
         raise PipelineError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    except storage.StorageError as exc:
+        raise PipelineError(str(exc)) from exc
+    about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
     try:
-        lock = open(out_dir / ".lock", "w")  # noqa: SIM115 (held for the whole run; the OS drops it on kill -9)
-    except OSError as exc:
-        raise PipelineError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        lock.close()
-        raise PipelineError(f"another datagen run is writing to {out_dir}") from exc
-    try:
-        about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
-        return _run_locked(cfg, items, teacher_resolved, out_dir, t_start, about)
+        with job_lock(out_dir):  # datagen/job_lock.py: fcntl on a local folder, a lease on an object store
+            return _run_locked(cfg, items, teacher_resolved, out_dir, t_start, about)
+    except LockBusy as exc:
+        raise PipelineError(str(exc)) from exc
     except OSError as exc:  # the driver's own files (job.json, the tables): disk full, permissions
         raise PipelineError(f"cannot write to {out_dir}: {exc}") from exc
-    finally:
-        lock.close()
 
 
-def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: Path, t_start: float,
+def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: str, t_start: float,
                 about: dict) -> RunSummary:
     check_job_file(out_dir, cfg, about)
     removed = remove_partial_files(out_dir)
@@ -302,7 +309,9 @@ def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: Pat
     todo = [i for i, done in enumerate(finished) if not done]
     summary = RunSummary(out_dir=str(out_dir), inputs=len(items), shards=len(shards), teacher=cfg.teacher)
     summary.skipped = sum(len(shards[i]) for i, done in enumerate(finished) if done)
-    stale = sorted(p.name for p in out_dir.glob(f"{cfg.source}-*.tar") if p.stem not in set(names))
+    ours = {f"{n}.tar" for n in names}
+    stale = [n for n in storage.listdir(out_dir) if n.startswith(f"{cfg.source}-") and n.endswith(".tar")
+             and n not in ours]
     if stale:
         log.warning("%d shard(s) in %s are not part of this job (an earlier run with a larger --limit?), e.g. %s; "
                     "they are left alone and not in the manifest", len(stale), out_dir, stale[0])
@@ -319,7 +328,7 @@ def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: Pat
 
 
 def _run_shards(cfg: RunConfig, shards: list[list], todo: list[int], finished: list[bool], teacher_resolved: str,
-                out_dir: Path, summary: RunSummary) -> list[dict]:
+                out_dir: str, summary: RunSummary) -> list[dict]:
     """Run the unfinished shards on Ray; fills `finished` and `summary`, returns the failure rows of the
     inputs of shards whose worker died (a rerun retries them: they have no sidecar)."""
     crashed = []
@@ -327,14 +336,14 @@ def _run_shards(cfg: RunConfig, shards: list[list], todo: list[int], finished: l
         summary.workers = runner.workers
         runner.start(teacher_resolved, warm_up, n_tasks=len(todo))
         t0 = time.monotonic()
-        for i, rows in runner.run_shards(process_shard, shards, todo, str(out_dir)):
+        for i, rows in runner.run_shards(process_shard, shards, todo, out_dir):
             name = shard_name(cfg.source, i)
             if isinstance(rows, ShardLost):
                 log.warning("shard %s lost (%s); its inputs go to %s, a rerun retries them", name, rows.kind, FAILURES)
                 crashed += [failure_row(it, name, "worker", rows.error) for it in shards[i]]
                 summary.count_failures(["worker"] * len(shards[i]))
                 continue
-            if rows["samples"] and not (out_dir / f"{name}.tar").is_file():
+            if rows["samples"] and not storage.is_file(storage.join(out_dir, f"{name}.tar")):
                 raise PipelineError(f"shard {name} was written by a worker but is not in {out_dir} "
                                     "on this machine: on a cluster --out must be a folder every node shares")
             finished[i] = True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from datagen.runtime_env import describe, runtime_env
 from datagen.sample import StageError
 from datagen.settings import PipelineError, RunConfig
 from datagen.shard_files import shard_name
@@ -39,11 +40,17 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def connect_ray(address: str | None, workers: int | None, log_to_driver: bool) -> tuple[bool, int]:
-    """Start a local Ray (loopback only) or join a cluster. Returns (we started it, workers to use)."""
+def connect_ray(address: str | None, workers: int | None, log_to_driver: bool,
+                ship: str = "auto") -> tuple[bool, int]:
+    """Start a local Ray (loopback only) or join a cluster, shipping the code as `ship` says
+    (datagen/runtime_env.py). Returns (we started it, workers to use)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in ("local", ""):
         address = None
+    try:
+        env = runtime_env(ship, joining_cluster=address is not None)
+    except RuntimeError as exc:
+        raise PipelineError(str(exc)) from exc
     if address is None:
         # bind to 127.0.0.1: a laptop job must not open ports on the network (read when ray is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -66,12 +73,13 @@ def connect_ray(address: str | None, workers: int | None, log_to_driver: bool) -
         use = min(want, cores)
         try:
             ray.init(address="local", num_cpus=use, include_dashboard=False, log_to_driver=log_to_driver,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, runtime_env=env)
         except Exception as exc:  # noqa: BLE001 (ports, /dev/shm, a stale session: say what Ray said)
             raise PipelineError(f"cannot start a local Ray: {type(exc).__name__}: {exc}") from exc
         return True, use
+    log.info("joining the Ray cluster at %s: %s", address, describe(env))
     try:
-        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING, runtime_env=env)
     except Exception as exc:  # noqa: BLE001 (connection refused, auth, version mismatch: all fatal, say which)
         raise PipelineError(
             f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}. A head started with "
@@ -197,7 +205,7 @@ class RayRunner:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.started, self.workers = connect_ray(cfg.address, cfg.workers, cfg.ray_log_to_driver)
+        self.started, self.workers = connect_ray(cfg.address, cfg.workers, cfg.ray_log_to_driver, cfg.runtime_env)
         self.replicas: list = []
         self.teacher_info: dict = {}
         self.progress: Progress | None = None
@@ -245,7 +253,8 @@ class RayRunner:
             ray.get(warm)
         except RayTaskError as exc:
             raise PipelineError(f"the Ray workers cannot set up the job ({exc.cause!r}); on a cluster every node "
-                                "needs this project installed (the same image or `pip install -e .`)") from exc
+                                "needs this project: shipped by --runtime-env full|code, or installed in the "
+                                "nodes' image (then --runtime-env off)") from exc
         return self.teacher_info
 
     def run_shards(self, process_shard: Callable, shards: list[list], todo: list[int],

@@ -74,6 +74,7 @@ class RunConfig:
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
     log_every_s: float = 10.0
     ray_log_to_driver: bool = False  # worker stdout/stderr stay in the Ray session logs unless asked for
+    runtime_env: str = "auto"  # code shipped to a cluster: auto|full|code|off (datagen/runtime_env.py)
 
     def fingerprint(self) -> dict:
         """The settings of the bytes as plain JSON values: what job.json holds."""

@@ -8,12 +8,13 @@
 A shard is finished iff its sidecar exists, lists exactly the shard's inputs, and (when it holds samples)
 its tar exists: the sidecar is written atomically before the tar gets its final name. Anything else under
 a temporary name (`*.tmp-*`) was left by a killed run and is removed. See docs/pipeline.md, "Resume".
+
+The folder is a local path or an object-store URL (s3://...): every file goes through shared.storage.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen.settings import PipelineError
-from shared.fsutil import TMP_MARK, atomic_write_bytes, temporary_path
+from shared import storage
 from shared.shard import ShardWriter
 
 MANIFEST = "manifest.parquet"
@@ -56,8 +57,8 @@ class ShardOutput:
     partial tar, so only a finished shard ever appears under its final name.
     """
 
-    def __init__(self, out_dir: Path, name: str, rgb_format: str):
-        self.out_dir, self.name, self.rgb_format = Path(out_dir), name, rgb_format
+    def __init__(self, out_dir: str | Path, name: str, rgb_format: str):
+        self.out_dir, self.name, self.rgb_format = out_dir, name, rgb_format
         self.writer: ShardWriter | None = None
         self.manifest: list[dict] = []
         self.failures: list[dict] = []
@@ -75,7 +76,7 @@ class ShardOutput:
     def write(self, members: dict, row: dict) -> None:
         """Add one encoded sample and its manifest row."""
         if self.writer is None:
-            self.writer = ShardWriter(self.out_dir / f"{self.name}.tar", rgb_format=self.rgb_format)
+            self.writer = ShardWriter(storage.join(self.out_dir, f"{self.name}.tar"), rgb_format=self.rgb_format)
         self.writer.write(members)
         self.manifest.append(row)
 
@@ -86,37 +87,33 @@ class ShardOutput:
         rows = {"shard": self.name, "keys": [it.key for it in items], "samples": len(self.manifest),
                 "manifest": self.manifest, "failures": self.failures}
         # the sidecar goes first: a tar under its final name always has its rows on disk
-        atomic_write_bytes(self.out_dir / f"{self.name}{ROWS_SUFFIX}", json.dumps(rows).encode())
+        storage.write_bytes(storage.join(self.out_dir, f"{self.name}{ROWS_SUFFIX}"), json.dumps(rows).encode())
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         return rows
 
 
-def read_sidecar(out_dir: Path, name: str) -> dict | None:
+def read_sidecar(out_dir: str | Path, name: str) -> dict | None:
     try:
-        return json.loads((out_dir / f"{name}{ROWS_SUFFIX}").read_text())
+        return json.loads(storage.read_bytes(storage.join(out_dir, f"{name}{ROWS_SUFFIX}")))
     except (OSError, ValueError):
         return None
 
 
-def shard_finished(out_dir: Path, name: str, keys: list[str]) -> dict | None:
+def shard_finished(out_dir: str | Path, name: str, keys: list[str]) -> dict | None:
     """The sidecar of a finished shard holding exactly these input keys, or None (then it is redone)."""
     rows = read_sidecar(out_dir, name)
     if not rows or rows.get("keys") != keys:
         return None
-    if rows.get("samples", 0) > 0 and not (out_dir / f"{name}.tar").is_file():
+    if rows.get("samples", 0) > 0 and not storage.is_file(storage.join(out_dir, f"{name}.tar")):
         return None  # killed between sidecar and rename
     return rows
 
 
-def remove_partial_files(out_dir: Path) -> int:
-    n = 0
-    for p in out_dir.iterdir():
-        if TMP_MARK in p.name and p.is_file():
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+def remove_partial_files(out_dir: str | Path) -> int:
+    """Delete what killed shard tasks and drivers left (temporary files, unfinished uploads)."""
+    return storage.remove_partial(out_dir)
 
 
 def _arrow_schema(columns: tuple[str, ...]) -> pa.Schema:
@@ -125,7 +122,7 @@ def _arrow_schema(columns: tuple[str, ...]) -> pa.Schema:
     return pa.schema([(c, types.get(c, pa.string())) for c in columns])
 
 
-def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failures: list[dict]) -> tuple[int, int]:
+def write_tables(out_dir: str | Path, finished: list[bool], source: str, extra_failures: list[dict]) -> tuple[int, int]:
     """Rebuild manifest.parquet and failures.parquet from the sidecars of the finished shards, in shard order,
     plus `extra_failures` (the inputs of shards whose worker died).
 
@@ -133,10 +130,10 @@ def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failure
     its manifest in memory. Both files appear atomically. Returns the row counts.
     """
     targets = {"manifest": (MANIFEST, MANIFEST_COLUMNS), "failures": (FAILURES, FAILURE_COLUMNS)}
-    writers, tmps, buffers, counts = {}, {}, {}, {}
+    writers, files, buffers, counts = {}, {}, {}, {}
     for kind, (fname, columns) in targets.items():
-        tmps[kind] = temporary_path(out_dir / fname)
-        writers[kind] = pq.ParquetWriter(tmps[kind], _arrow_schema(columns))
+        files[kind] = storage.AtomicFile(storage.join(out_dir, fname))
+        writers[kind] = pq.ParquetWriter(files[kind].file, _arrow_schema(columns))
         buffers[kind], counts[kind] = [], 0
 
     def flush(kind: str, force: bool = False) -> None:
@@ -159,13 +156,13 @@ def write_tables(out_dir: Path, finished: list[bool], source: str, extra_failure
                 flush(kind)
         buffers["failures"] += extra_failures
         counts["failures"] += len(extra_failures)
-        for kind, (fname, _) in targets.items():
+        for kind in targets:
             flush(kind, force=True)
             writers[kind].close()
-            with open(tmps[kind], "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmps[kind], out_dir / fname)
+            files[kind].commit()
+            files[kind] = None
     finally:
-        for kind in targets:
-            tmps[kind].unlink(missing_ok=True)
+        for f in files.values():
+            if f is not None:
+                f.abort()
     return counts["manifest"], counts["failures"]

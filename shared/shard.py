@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from braceexpand import braceexpand
 
+from shared import storage
 from shared.camera import as_K
 from shared.depth import (
     CodecError,
@@ -40,7 +41,7 @@ from shared.depth import (
     encode_disparity_png,
     encode_rgb,
 )
-from shared.fsutil import TMP_MARK, fsync_dir, temporary_path
+from shared.fsutil import TMP_MARK
 
 SCHEMA_VERSION = 1
 DEPTH_MEMBERS = ("depth", "sparse", "gt")
@@ -185,7 +186,8 @@ def decode_sample(raw: dict, shard: str | None = None) -> Sample:
 
 
 class ShardWriter:
-    """Write one tar shard atomically: samples go to `<name>.tmp-<pid>`, renamed on `close()`.
+    """Write one tar shard atomically: samples go to `<name>.tmp-<pid>`, renamed on `close()`. `path` is a
+    local path or an object-store URL (shared.storage: the upload is streamed, then copied into place).
 
     A crash leaves only the temporary file (which readers and `list_shards` ignore and the
     pipeline removes on resume), never a half-written shard under its final name. The tar
@@ -193,17 +195,16 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike, rgb_format: str = "jpg", jpeg_quality: int = 95):
-        self.path = Path(path)
-        self.tmp_path = temporary_path(self.path)
+        # a local path stays a Path; an object-store URL (s3://...) is written through shared.storage
+        self.path = path if storage.is_url(path) else Path(path)
         self.rgb_format, self.jpeg_quality = rgb_format, jpeg_quality
         self.count = 0
         self._keys: set[str] = set()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.tmp_path, "wb")  # noqa: SIM115 (closed in close/abort)
+            self._out = storage.AtomicFile(self.path)
         except OSError as exc:
-            raise OSError(f"cannot write shard {self.tmp_path}: {exc.strerror or exc}") from exc
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+            raise OSError(f"cannot write shard {self.path}: {exc.strerror or exc}") from exc
+        self._tar = tarfile.open(fileobj=self._out.file, mode="w|", format=tarfile.USTAR_FORMAT)
 
     def write(self, sample: Sample | dict) -> None:
         """Add one sample (a Sample, or an already encoded member dict with "__key__")."""
@@ -221,14 +222,10 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
-    def close(self) -> Path:
-        """Finish the tar, flush it to disk, and give it its final name."""
+    def close(self) -> Path | str:
+        """Finish the tar, flush it to disk (or complete the upload), and give it its final name."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(self.path.parent)  # make the rename itself durable
+        self._out.commit()
         return self.path
 
     def abort(self) -> None:
@@ -237,12 +234,7 @@ class ShardWriter:
             self._tar.close()
         except Exception:  # noqa: BLE001 (the file may be broken; we delete it anyway)
             pass
-        try:
-            self._file.close()  # on a full disk, flushing the buffer fails again
-        except OSError:
-            pass
-        finally:
-            self.tmp_path.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -258,14 +250,16 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     """Expand a shard spec into a sorted list of URLs/paths.
 
     Accepts a .tar file, a directory (every *.tar below it), a glob, a brace pattern
-    ("shards/coco-{000000..000009}.tar"), a URL (http(s)://, pipe:, gs://, s3://), or a list of these.
-    Temporary files of unfinished shards are never listed.
+    ("shards/coco-{000000..000009}.tar"), the same on an object store (s3://bucket/shards/ lists every
+    .tar below the prefix; gs://, az:// alike), a URL webdataset opens itself (http(s)://, pipe:, ...),
+    or a list of these. Temporary files of unfinished shards are never listed. An unknown URL scheme
+    raises StorageError (a ValueError): a URL is never taken as a local path.
     """
     if isinstance(spec, (list, tuple)):
         return [u for s in spec for u in list_shards(s)]
     s = str(spec)
-    if re.match(r"^[a-z0-9+]+:", s) and not os.path.exists(s):
-        return list(braceexpand(s))
+    if storage.is_url(s):
+        return _list_shard_urls(s)
     p = Path(s)
     if p.is_dir():
         found = sorted(str(f) for f in p.rglob("*.tar") if TMP_MARK not in f.name)
@@ -284,6 +278,52 @@ def list_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no shards match {s} (expected a .tar file, a directory of them or a glob)")
     return found
+
+
+def _list_shard_urls(spec: str) -> list[str]:
+    readers = tuple(s for s in _gopen_schemes() if s != "__default__" and s not in storage.OBJECT_STORES)
+    spec = storage.check(spec, "shard spec", readers=readers)  # webdataset's own: pipe:, http(s):, ...
+    if not storage.is_url(spec):  # file:///...
+        return list_shards(spec)
+    if not storage.is_object_store(spec) or "{" in spec:
+        return list(braceexpand(spec))
+    if any(c in spec for c in "*?["):
+        found = storage.glob(spec)
+    elif spec.endswith(".tar") and storage.is_file(spec):
+        return [spec]
+    else:
+        found = [storage.join(spec, rel) for rel in storage.find(spec)]
+    found = [u for u in found if u.endswith(".tar") and TMP_MARK not in storage.basename(u)]
+    if not found:
+        raise FileNotFoundError(f"no .tar shards at {spec} (expected a .tar object, a prefix holding them or a glob)")
+    return found
+
+
+def _gopen_schemes() -> dict:
+    """webdataset's table of URL openers by scheme (the module, not the function `webdataset.gopen`)."""
+    import importlib
+
+    return importlib.import_module("webdataset.gopen").gopen_schemes
+
+
+def _open_shard(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset's opener for object-store URLs: a stream through shared.storage (webdataset has no s3://
+    opener, and its gs:// one shells out to gsutil)."""
+    try:
+        return storage.open_read(url)
+    except FileNotFoundError as exc:
+        raise ShardError("missing shard (no such object)", url) from exc
+
+
+def shard_dataset(urls: list[str], handler):
+    """Plain webdataset.WebDataset over these shards, in this order: no shuffling and no splitting (the
+    callers decide both). Object-store URLs are opened through shared.storage."""
+    import webdataset as wds  # lazy: it imports torch, which shared (and datagen's workers) never need
+
+    for scheme in storage.OBJECT_STORES:  # the gopen table is webdataset's documented hook
+        _gopen_schemes()[scheme] = _open_shard
+    return wds.WebDataset(urls, shardshuffle=False, handler=handler, empty_check=False, nodesplitter=None,
+                          workersplitter=None)
 
 
 @dataclass
@@ -336,14 +376,9 @@ def iter_samples(spec, strict: bool = True, stats: ReadStats | None = None) -> I
     strict=True raises ShardError at the first bad sample or tar (naming shard and key);
     strict=False skips it and counts it in `stats`.
     """
-    import webdataset as wds  # lazy: it imports torch, which shared (and datagen's workers) never need
-
     stats = stats if stats is not None else ReadStats()
     handler = make_error_handler(strict, stats)
-    ds = wds.WebDataset(
-        list_shards(spec), shardshuffle=False, handler=handler, empty_check=False,
-        nodesplitter=None, workersplitter=None,
-    )
+    ds = shard_dataset(list_shards(spec), handler)
     for raw in ds:
         try:
             sample = decode_sample(raw)
@@ -373,7 +408,7 @@ def validate_shard(path: str | os.PathLike) -> ValidationReport:
     members: Counter = Counter()
     seen: set[str] = set()
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -387,7 +422,7 @@ def validate_shard(path: str | os.PathLike) -> ValidationReport:
     except (tarfile.TarError, OSError, EOFError) as exc:
         errors.append(f"shard {path}: unreadable tar ({exc})")
     try:  # a complete tar ends with two zero blocks; a copy cut at a member boundary does not
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - 1024))

@@ -28,6 +28,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "distillation, evaluate, predict.")
 
 
+def _local(value: str | None) -> str | None:
+    """Options naming local files: a URL is refused, never taken as a local path (only --shards streams
+    from object storage)."""
+    from shared.storage import is_url
+
+    if value is not None and is_url(str(value)):
+        raise typer.BadParameter(f"{value!r} is a URL; a local path is expected here (--shards reads object "
+                                 "storage; copy checkpoints and outputs there afterwards)")
+    return value
+
+
 def _setup_logging() -> None:
     quiet = int(os.environ.get("RANK", 0)) != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
@@ -38,11 +49,12 @@ def _train_command(stage: str):
         shards: str = typer.Option(..., help="shard directory, .tar, glob, brace pattern or URL"),
         preset: str = typer.Option("laptop", help="laptop (default, CPU) or paper (bpnet, batch 16, 256x1216)"),
         model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else bpnet-s)"),
-        init: str = typer.Option(None, help="start from our checkpoint/run dir or an original BP-Net/DMD3C .pth"),
+        init: str = typer.Option(None, help="start from our checkpoint/run dir or an original BP-Net/DMD3C .pth",
+                                 callback=_local),
         steps: int = typer.Option(None, help="optimizer steps in all (a resumed run counts its done ones)"),
         batch_size: int = typer.Option(None, help="global batch, split over torchrun processes"),
         crop: str = typer.Option(None, help="training crop HxW, multiples of 32"),
-        out: str = typer.Option(None, help="run directory: checkpoints, log.csv, tb/"),
+        out: str = typer.Option(None, help="run directory: checkpoints, log.csv, tb/", callback=_local),
         resume: bool = typer.Option(False, help="continue from the latest checkpoint in --out"),
         lr: float = typer.Option(None, help="peak learning rate of the one-cycle schedule"),
         workers: int = typer.Option(None, help="DataLoader workers per process"),
@@ -63,7 +75,7 @@ def _train_command(stage: str):
         fit: str = typer.Option(None, help="finetune: lsq (default, closed-form scale and shift) or l1 "
                                 "(the L1-optimal scale and shift: robust to outliers)"),
         threads: int = typer.Option(None, help="torch CPU threads"),
-        json_path: str = typer.Option(None, "--json", help="write the run summary here"),
+        json_path: str = typer.Option(None, "--json", help="write the run summary here", callback=_local),
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
         quiet: bool = typer.Option(False, help="no progress bar"),
     ):
@@ -97,7 +109,7 @@ app.command("finetune")(_train_command("finetune"))
 
 
 # Options that `eval` and `predict` share (one definition, one help text).
-CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or original .pth")
+CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or original .pth", callback=_local)
 STEPS_OPT = typer.Option(None, help="at most this many batches")
 MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)")
 RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
@@ -128,7 +140,7 @@ def eval_cmd(
     ckpt: str = CKPT_OPT,
     shards: str = typer.Option(...),
     kind: str = typer.Option("kitti", help="kitti (mm, 1/km) or nyu (m, REL, deltas)"),
-    json_path: str = typer.Option(None, "--json"),
+    json_path: str = typer.Option(None, "--json", callback=_local),
     steps: int = STEPS_OPT,
     model: str = MODEL_OPT,
     raw: bool = RAW_OPT,
@@ -165,7 +177,8 @@ def eval_cmd(
 def predict_cmd(
     ckpt: str = CKPT_OPT,
     shards: str = typer.Option(...),
-    out: str = typer.Option(..., help="output directory: <key>.png (uint16, depth x 256) and preview/"),
+    out: str = typer.Option(..., help="output directory: <key>.png (uint16, depth x 256) and preview/",
+                            callback=_local),
     previews: int = typer.Option(16, help="colourised previews of the first N samples"),
     steps: int = STEPS_OPT,
     model: str = MODEL_OPT,
@@ -203,8 +216,8 @@ def score_cmd(
 
 @app.command("export")
 def export_cmd(
-    ckpt: str = typer.Option(...),
-    out: str = typer.Option(..., help="output .safetensors"),
+    ckpt: str = CKPT_OPT,
+    out: str = typer.Option(..., help="output .safetensors", callback=_local),
     raw: bool = typer.Option(False, help="export the trained weights instead of the EMA"),
 ):
     """The EMA weights and the network config as one plain safetensors file."""

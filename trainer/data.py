@@ -51,11 +51,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from shared.camera import crop_K, flip_K
-from shared.shard import ReadStats, Sample, ShardError, decode_sample, list_shards, make_error_handler
+from shared.shard import (
+    ReadStats,
+    Sample,
+    ShardError,
+    decode_sample,
+    list_shards,
+    make_error_handler,
+    shard_dataset,
+)
 from shared.sparsity import Protocol
 from shared.sparsity import apply as apply_sparsity
 from trainer.model import normalize_rgb  # the model's own helper keeps the input convention in one place
@@ -378,8 +385,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine, modulo = split_shards(urls, slot, num_slots)
         if not mine:
             return
-        ds = wds.WebDataset(mine, shardshuffle=False, handler=self._handler, empty_check=False,
-                            nodesplitter=None, workersplitter=None)
+        ds = shard_dataset(mine, self._handler)  # local paths or object-store URLs alike
         raw = iter(ds) if modulo is None else (s for i, s in enumerate(ds) if i % num_slots == modulo)
         if self.cfg.train:
             raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, _rng(self.cfg.seed, epoch, slot, 1))

@@ -1,6 +1,8 @@
 """What every source yields, and the image loading they share.
 
-A source knows one data set's on-disk layout and nothing else. `items()` lists its inputs in a
+A source knows one data set's on-disk layout and nothing else. Sources that set `object_storage` (folder,
+coco) also read a root in an object store (s3://bucket/prefix, through shared.storage): one listing of the
+prefix, then each image streamed into memory by the worker that loads it, never copied to a local disk. `items()` lists its inputs in a
 stable sorted order with stable keys (cheap: paths only, so the list can be split across Ray
 workers); `load(item)` reads one input into a `Record` (in a worker). Bad inputs raise
 `InputError` from `load`, and the pipeline writes them to failures.parquet.
@@ -9,6 +11,8 @@ workers); `load(item)` reads one input into a `Record` (in a worker). Bad inputs
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import re
 import struct
 import warnings
@@ -19,6 +23,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shared import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_IMAGE_SIDE = 32  # below this no useful geometry survives a 1/32 feature map
@@ -84,8 +90,17 @@ def assign_keys(source: str, ids: Sequence[str]) -> list[str]:
     return out
 
 
-def list_images(root: Path) -> list[Path]:
-    """Every image file below root, sorted by relative path (hidden files and dirs skipped)."""
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(root: Path | str) -> list[Path] | list[str]:
+    """Every image file below root, sorted by relative path (hidden files and dirs skipped). An object-store
+    root (a URL) is listed once and gives URLs."""
+    if storage.is_url(root):
+        rel = [r for r in storage.find(root)
+               if is_image_name(r) and not any(part.startswith(".") for part in r.split("/"))]
+        return [storage.join(root, r) for r in rel]  # find() sorts by relative path
     out = [
         p for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -99,15 +114,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
 
     Applies the EXIF orientation; converts greyscale, palette, RGBA (composited on grey), CMYK and
     16-bit images; raises InputError naming the file for an empty, truncated, unreadable or too
-    small image.
+    small image. An object-store URL is read into memory with one request.
     """
-    path = Path(path)
+    remote = storage.is_url(path)
+    path = path if remote else Path(path)
     try:
-        if path.stat().st_size == 0:
+        if remote:
+            data = storage.read_bytes(path)
+            size, src = len(data), io.BytesIO(data)
+        else:
+            size, src = path.stat().st_size, path
+        if size == 0:
             raise InputError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 arr = _to_rgb8(img)
@@ -150,6 +171,7 @@ class Source:
     layout: str = ""
     labelled: bool = False
     has_native_intrinsics: bool = False
+    object_storage: bool = False  # whether --root may be an object-store URL (s3://bucket/prefix)
     # the options a subclass accepts, with their defaults; None = accept anything (no validation).
     # Options passed as None mean "the default", so a CLI can forward unset flags as None.
     option_defaults: dict | None = None
@@ -165,15 +187,32 @@ class Source:
                 valid = ", ".join(sorted(self.option_defaults)) or "none"
                 raise ValueError(f"source {self.name!r} got unknown option(s) {unknown}; valid: {valid}")
             options = {**self.option_defaults, **{k: v for k, v in options.items() if v is not None}}
-        self.root = Path(root) if root is not None else None
+        if root is not None:
+            root = storage.check(root, "--root")  # StorageError (a ValueError) for an unknown or bad URL
+            if storage.is_url(root) and not self.object_storage:
+                readers = ", ".join(sorted(n for n, c in _object_storage_sources().items() if c))
+                raise ValueError(f"source {self.name!r} reads a local --root only, not {root}; "
+                                 f"sources that read object storage: {readers}")
+        self.root = None if root is None else root if storage.is_url(root) else Path(root)
         self.intrinsics = intrinsics
         self.options = options
 
     def layout_error(self, detail: str) -> LayoutError:
         return LayoutError(f"{detail}\nExpected the {self.name} layout under --root {self.root}:\n{self.layout}")
 
+    def is_dir(self, rel: str = "") -> bool:
+        """Whether root/rel is a folder (in an object store: a prefix that holds objects)."""
+        return storage.is_dir(storage.join(self.root, rel) if rel else self.root)
+
+    def files_in(self, rel: str) -> list[Path] | list[str]:
+        """The files directly in root/rel, sorted by name: Paths, or URLs for an object-store root."""
+        if storage.is_url(self.root):
+            where = storage.join(self.root, rel)
+            return [storage.join(where, n) for n in storage.listdir(where)]
+        return sorted(p for p in (self.root / rel).iterdir() if p.is_file())
+
     def check_layout(self) -> None:
-        if self.root is None or not self.root.is_dir():
+        if self.root is None or not self.is_dir():
             raise self.layout_error(f"--root {self.root} is not a directory")
 
     def items(self) -> list[Item]:
@@ -183,9 +222,9 @@ class Source:
         raise NotImplementedError
 
 
-def image_items(source: str, root: Path, paths: Sequence[Path], extras: Sequence[dict] | None = None) -> list[Item]:
+def image_items(source: str, root: Path | str, paths: Sequence[Path] | Sequence[str], extras: Sequence[dict] | None = None) -> list[Item]:
     """Items for image files below root, sorted by relative path; keys from the relative paths."""
-    rel = [p.relative_to(root).as_posix() for p in paths]
+    rel = [p[len(root) + 1:] if storage.is_url(root) else p.relative_to(root).as_posix() for p in paths]
     order = sorted(range(len(rel)), key=rel.__getitem__)
     rel = [rel[i] for i in order]
     keys = assign_keys(source, rel)
@@ -196,3 +235,9 @@ def image_items(source: str, root: Path, paths: Sequence[Path], extras: Sequence
 def image_record(item: Item, K: np.ndarray | None = None, **meta) -> Record:
     """The record of a plain image input: RGB only (and native K when the data set has it)."""
     return Record(item.key, item.source, item.path, load_rgb(item.path), K=K, meta=dict(meta))
+
+
+def _object_storage_sources() -> dict[str, bool]:
+    from datagen.sources import SOURCES
+
+    return {name: cls.object_storage for name, cls in SOURCES.items()}

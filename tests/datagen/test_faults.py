@@ -200,13 +200,13 @@ class FullDisk:
 def test_a_simulated_full_disk_stops_the_shard_cleanly(tmp_path, monkeypatch, room):
     import builtins
 
-    import shared.shard
+    import shared.storage
 
     def full_open(path, mode="r", *a, **kw):
         f = builtins.open(path, mode, *a, **kw)
         return FullDisk(f, room) if "w" in mode and TMP_MARK in str(path) else f
 
-    monkeypatch.setattr(shared.shard, "open", full_open, raising=False)  # ShardWriter's open
+    monkeypatch.setattr(shared.storage, "open", full_open, raising=False)  # ShardWriter's open (AtomicFile)
     job = tmp_path / "synthetic"
     job.mkdir()
     with pytest.raises(OSError, match="No space left"):

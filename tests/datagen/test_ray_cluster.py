@@ -1,25 +1,23 @@
 """`datagen run --address` against a Ray head started with `ray start --head` on loopback (token auth on).
 
-The head is stopped by killing the processes this test started (its own process group), never with
-`ray stop`, which kills every Ray process on the machine by name.
+The head is stopped by killing the processes this test started (its own process group; tests/datagen/
+raynodes.py), never with `ray stop`, which kills every Ray process on the machine by name.
 """
 
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
-psutil = pytest.importorskip("psutil")
+pytest.importorskip("psutil")
+
+from raynodes import Node, free_port, head_args  # noqa: E402
 
 from datagen.pipeline import process_shard  # noqa: E402
 from datagen.settings import RunConfig  # noqa: E402
@@ -28,62 +26,17 @@ from datagen.teacher import OracleTeacher  # noqa: E402
 from shared.shard import validate_shard  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_group(proc: subprocess.Popen, others: list) -> None:
-    """SIGKILL the head's process group (nothing in it is worth a graceful stop: `ray start --block` takes
-    10 s and more to stop on SIGTERM), then any process it spawned outside the group."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    for p in others:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"]
+    head = Node(head_args(port, temp_dir, num_cpus=2), env, "head")
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    except OSError as exc:
-        pytest.skip(f"cannot run `ray start`: {exc}")
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ray runtime started" in line:
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    others: list = []
-    try:
-        if not started.wait(90) or proc.poll() is not None:
-            pytest.skip("the Ray head did not start here: " + "".join(lines[-15:]))
         yield f"127.0.0.1:{port}", env
     finally:
-        try:
-            others = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            others = []
-        stop_group(proc, others)
+        head.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -91,7 +44,8 @@ def test_run_against_a_ray_head(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "datagen.cli", "run", "--address", address, "--source", "synthetic", "--width",
-           "96", "--height", "64", "--limit", "5", "--shard-size", "3", "--out", str(out), "--progress", "log"]
+           "96", "--height", "64", "--limit", "5", "--shard-size", "3", "--out", str(out), "--progress", "log",
+           "--runtime-env", "off"]  # this machine's nodes have the project (tests/datagen/test_two_nodes.py ships it)
     # the driver is given the token but not RAY_AUTH_MODE: datagen turns token mode on for an explicit
     # address when a token is at hand, as a head started by `ray start --head` expects
     driver_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
