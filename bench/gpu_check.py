@@ -24,13 +24,14 @@ it writes a report only where --out says, so a CPU machine never replaces a GPU 
 --cpu runs the same code at tiny sizes on the CPU (gloo instead of nccl, `tiny` network, 8 scenes) and
 writes its report to --out or a temporary file, never to bench/RESULTS-gpu.md.
 
-On a lent GPU machine (a copy of the working tree without .git, no internet), two calls, the report and
-the log written straight to the folder that comes back ($OUT), then copied to bench/RESULTS-gpu.md here:
+On a GPU node with the internet (a cluster's), `make setup && make gpu-check`. On a lent machine with
+no internet, `make setup` cannot install anything; its image has torch (CUDA), transformers, scipy
+and numba but not Ray, Open3D or webdataset, and Ray's wheel is larger than what may travel to it.
+Parts 1-3 need only what the image has; parts 4-5 run `datagen run` and need the rest:
 
-    make setup          # 3 min on the shared 2-core machine here (a fresh venv)
-    set -o pipefail; .venv/bin/python bench/gpu_check.py --commit <hash> --out "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/gpu-check.log"
+    PYTHONPATH=. python bench/gpu_check.py --parts 1,2,3 --commit <hash> --out "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/gpu-check.log"
 
-(give the second call ~560 s: the parts' time limits add up to 7.5 minutes).
+(give it ~400 s: the three parts' time limits), then copy the report to bench/RESULTS-gpu.md here.
 """
 
 from __future__ import annotations
