@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from datagen.heightfield import GridSurface, cast_surface
-from datagen.lidar import Mount, cast_rays_with_normals, scan_window
+from datagen.lidar import Mount, cast_rays, scan_window
 from datagen.lidar_patterns import LidarPattern
 from datagen.mesh import Mesh
 from shared.camera import as_K, project
@@ -53,7 +53,7 @@ def scan_ranges(surface: Mesh | GridSurface, rays: ScanRays, min_range_m: float 
     if isinstance(surface, GridSurface):
         r, _ = cast_surface(surface, rays.origin, rays.directions, t_max=max_range_m)
     else:
-        r, _ = cast_rays_with_normals(surface, rays.origin, rays.directions)
+        r = cast_rays(surface, rays.origin, rays.directions)
     return np.where((r >= min_range_m) & (r <= max_range_m), r, np.inf)
 
 

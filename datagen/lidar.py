@@ -109,13 +109,12 @@ def cast_rays(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int =
     mesh: a Mesh or a scene from make_scene (to reuse one BVH across calls). origins: 3 or N x 3.
     nthreads=1 by default: the pipeline runs one image per core; pass 0 for all cores.
     """
-    return cast_rays_with_normals(mesh, origins, directions, nthreads)[0]
+    return _cast_o3d(mesh, origins, directions, nthreads)[0]
 
 
-def cast_rays_with_normals(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int = 1,
-                           normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """cast_rays through Open3D's BVH, as (t, None); with normals=True (t, the unit normal of each
-    triangle hit, facing the ray, N x 3). The exact-world caster of the fidelity score uses it too."""
+def _cast_o3d(mesh, origins: np.ndarray, directions: np.ndarray, nthreads: int = 1,
+              normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """cast_rays, and with normals=True also the unit normal of each triangle hit, facing the ray (N x 3)."""
     import open3d as o3d
 
     scene = make_scene(mesh, nthreads=nthreads) if isinstance(mesh, Mesh) else mesh
@@ -223,7 +222,7 @@ def simulate_scan(mesh: Mesh | GridSurface, pattern: LidarPattern, mount: Mount,
         scene = make_scene(mesh, tris, nthreads=nthreads) if len(d_lid) else None
 
         def cast(d: np.ndarray, normals: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-            return cast_rays_with_normals(scene, t, d, nthreads=nthreads, normals=normals)
+            return _cast_o3d(scene, t, d, nthreads=nthreads, normals=normals)
     if len(d_lid) == 0:
         return empty
     d_cam = d_lid @ R.T
