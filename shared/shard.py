@@ -204,7 +204,9 @@ class ShardWriter:
             self._out = storage.AtomicFile(self.path)
         except OSError as exc:
             raise OSError(f"cannot write shard {self.path}: {exc.strerror or exc}") from exc
-        self._tar = tarfile.open(fileobj=self._out.file, mode="w|", format=tarfile.USTAR_FORMAT)
+        # PAX: a member name over ustar's 100 characters (a nuScenes key is about 95 before ".teacher.png")
+        # gets an extended header; shorter names give the same bytes as plain ustar.
+        self._tar = tarfile.open(fileobj=self._out.file, mode="w|", format=tarfile.PAX_FORMAT)
 
     def write(self, sample: Sample | dict) -> None:
         """Add one sample (a Sample, or an already encoded member dict with "__key__")."""

@@ -1,5 +1,6 @@
 """The shard format: round trips through ShardWriter, plain WebDataset and tarfile; bad input."""
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -68,6 +69,31 @@ def test_read_back_by_plain_webdataset_and_tarfile(tmp_path, samples):
         assert len(names) == 6 * len(samples)
         meta = json.load(tar.extractfile(f"{samples[0].key}.meta.json"))
         assert meta["key"] == samples[0].key and len(meta["K"]) == 3
+
+
+def test_long_keys_as_real_nuscenes_names(tmp_path, samples):
+    """A nuScenes camera frame's key is about 95 characters; with ".teacher.png" its member name passes
+    ustar's 100-character limit, which once failed every nuScenes shard ("name is too long")."""
+    key = "nuscenes-samples_CAM_FRONT_LEFT_n015-2018-07-24-11-22-45_0800__CAM_FRONT_LEFT__1532402927662462"
+    s = samples[0]
+    long = dataclasses.replace(s, key=key)
+    path = write(tmp_path / "s.tar", [long])
+    (back,) = list(iter_samples(path))
+    assert back.key == key
+    assert_same(long, back, rgb_exact=False)
+    with tarfile.open(path) as tar:
+        assert f"{key}.teacher.png" in tar.getnames()
+    assert validate_shard(path).ok
+
+
+def test_short_names_keep_their_ustar_bytes(tmp_path, samples):
+    """Shards written before long names were allowed (plain ustar) have the same bytes as today's."""
+    path = write(tmp_path / "s.tar", samples)
+    buf = io.BytesIO()
+    with tarfile.open(path) as old, tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as ustar:
+        for m in old.getmembers():
+            ustar.addfile(m, old.extractfile(m))
+    assert buf.getvalue() == path.read_bytes()
 
 
 def test_same_samples_same_bytes(tmp_path, samples):
