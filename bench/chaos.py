@@ -49,11 +49,11 @@ import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from datagen.pipeline import process_shard  # noqa: E402
-from datagen.settings import RunConfig  # noqa: E402
-from datagen.shard_files import write_tables  # noqa: E402
+from datagen.job.pipeline import process_shard  # noqa: E402
+from datagen.job.settings import RunConfig  # noqa: E402
+from datagen.job.shard_files import write_tables  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
-from datagen.teacher import OracleTeacher  # noqa: E402
+from datagen.teachers.runner import OracleTeacher  # noqa: E402
 from shared.camera import make_K  # noqa: E402
 from shared.shard import Sample, ShardWriter, validate_shard  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402

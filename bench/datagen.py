@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def child(spec: str) -> None:
     """Run one job in this process and print its summary as JSON (the parent measures memory)."""
-    from datagen.pipeline import run
-    from datagen.settings import RunConfig
+    from datagen.job.pipeline import run
+    from datagen.job.settings import RunConfig
 
     summary = run(RunConfig(**json.loads(spec)))
     print("SUMMARY " + json.dumps({**asdict(summary), "images_per_s": summary.images_per_s}), flush=True)
@@ -97,10 +97,10 @@ def run_job(cfg: dict) -> dict:
 def plain_loop(n: int, size: tuple[int, int], shard_size: int, out: str, part: int = 0, parts: int = 1):
     """The naive reference: the oracle job's shards one after the other in this process (with parts > 1:
     every parts-th shard, from `part`). Returns (images, start, end) in wall-clock time, after a warm-up."""
-    from datagen.pipeline import process_shard
-    from datagen.settings import RunConfig
+    from datagen.job.pipeline import process_shard
+    from datagen.job.settings import RunConfig
     from datagen.sources import get_source
-    from datagen.teacher import OracleTeacher
+    from datagen.teachers.runner import OracleTeacher
 
     opts = {"width": size[0], "height": size[1], "seed": 0}
     items = get_source("synthetic", None, count=n, **opts).items()
@@ -142,7 +142,7 @@ def make_images(root: Path, n: int, size: tuple[int, int]) -> None:
 
 
 def save_tiny_da(path: Path) -> None:
-    from datagen.teacher import save_random_teacher
+    from datagen.teachers.runner import save_random_teacher
 
     save_random_teacher(path)
 
@@ -210,7 +210,7 @@ def teacher_split_ms(teacher, images: list, reps: int) -> tuple[float, float]:
     (TeacherFeed.pack + unpack: resize, normalise, upsample back) and the actor's outside the model
     forward (DepthTeacher.run). Best of reps, after a warm-up."""
     from bench.teacher import ForwardClock
-    from datagen.teacher import TeacherFeed
+    from datagen.teachers.runner import TeacherFeed
 
     feed, clock = TeacherFeed(teacher.info(), len(images)), ForwardClock(teacher.model)
     best_task = best_actor = float("inf")
@@ -235,7 +235,7 @@ def real_size_run(tmp: Path, reps: int) -> dict:
     is the tiny random Depth Anything with its processor set to 518 px as the real V2 processors are (its
     forward is not counted: only the CPU work around it); depth, geometry and encoding run on the oracle
     disparity of the same scene, so the depth map has real structure. Geometry is whatever
-    `datagen.lidar.simulate_sparse_depth` does with `datagen run`'s default LiDAR settings.
+    `shared.scan.lidar.simulate_sparse_depth` does with `datagen run`'s default LiDAR settings.
     """
     import numpy as np
     import torch
@@ -244,12 +244,12 @@ def real_size_run(tmp: Path, reps: int) -> dict:
 
     from datagen.camera import sample_intrinsics
     from datagen.disparity import disparity_to_depth
-    from datagen.lidar import simulate_sparse_depth
-    from datagen.oracle import oracle_teacher
-    from datagen.settings import RunConfig
+    from datagen.job.settings import RunConfig
     from datagen.sources.base import load_rgb
-    from datagen.synthetic import render_scene
-    from datagen.teacher import DepthTeacher
+    from datagen.teachers.oracle import oracle_teacher
+    from datagen.teachers.runner import DepthTeacher
+    from datagen.world.scenes import render_scene
+    from shared.scan.lidar import simulate_sparse_depth
     from shared.shard import Sample, decode_sample, encode_sample
 
     torch.set_num_threads(1)  # one core: the figure a node multiplies by its cores

@@ -9,8 +9,8 @@ Prints a Markdown table of milliseconds per image (median over scenes) at 640 x 
 from the KITTI mount with the projection to sparse depth:
 - old grid path: grid mesh -> triangle culling + Open3D BVH -> rays (simulate_sparse_depth with
   caster="open3d", hidden=False: the code before the height-field caster, byte for byte);
-- new grid path: the grid's faces -> the height-field walk (datagen.heightfield), no BVH;
-- new grid + hidden: the same with the hidden-geometry layer (datagen.hidden), the default for
+- new grid path: the grid's faces -> the height-field walk (shared.scan.heightfield), no BVH;
+- new grid + hidden: the same with the hidden-geometry layer (shared.scan.hidden), the default for
   offset mounts;
 - Poisson path: Poisson mesh -> Open3D.
 Ratios are taken within the same run (the machine may be shared: absolute numbers move, ratios less).
@@ -41,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from datagen.heightfield import grid_surface  # noqa: E402
-from datagen.hidden import hidden_layer  # noqa: E402
-from datagen.lidar import KITTI_MOUNT, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
-from datagen.lidar_patterns import LIDAR_PRESETS  # noqa: E402
-from datagen.mesh import grid_mesh, poisson_mesh  # noqa: E402
-from datagen.synthetic import default_K, render_scene  # noqa: E402
+from datagen.world.scenes import default_K, render_scene  # noqa: E402
 from shared.camera import make_K  # noqa: E402
+from shared.scan.heightfield import grid_surface  # noqa: E402
+from shared.scan.hidden import hidden_layer  # noqa: E402
+from shared.scan.lidar import KITTI_MOUNT, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
+from shared.scan.mesh import grid_mesh, poisson_mesh  # noqa: E402
+from shared.scan.patterns import LIDAR_PRESETS  # noqa: E402
 
 KITTI_K = make_K(721.5, 721.5, 609.6, 172.9 - 23.0)  # cam 2, 1242 x 375 cropped to the bottom 1216 x 352
 SIZES = {"640x480": (640, 480, None), "1280x960": (1280, 960, None), "1216x352": (1216, 352, KITTI_K)}
@@ -134,7 +134,7 @@ def kitti_density(n: int) -> dict[str, tuple[float, float, float]]:
 FIRST_CALL = """
 import time, numpy as np
 t0 = time.perf_counter()
-from datagen.lidar import simulate_sparse_depth
+from shared.scan.lidar import simulate_sparse_depth
 from shared.camera import make_K
 t1 = time.perf_counter()
 args = (np.full((32, 32), 5.0, np.float32), make_K(30.0, 30.0, 15.5, 15.5), np.random.default_rng(0))
@@ -157,7 +157,7 @@ def first_call_cost() -> dict[str, float]:
                                  check=True)
             imp, first = (float(x) for x in res.stdout.split())
             out[f"first call: {name}"] = first
-            out[f"import datagen.lidar ({name.split()[0]})"] = imp
+            out[f"import shared.scan.lidar ({name.split()[0]})"] = imp
     return out
 
 

@@ -281,8 +281,8 @@ def datagen_cli() -> list[str]:
 
 def preprocess(teacher, images) -> None:
     """What a shard task does to each image before the teacher's model process sees it (resize on the CPU,
-    normalise too when the replica is on the CPU): datagen.teacher.TeacherFeed.pack."""
-    from datagen.teacher import TeacherFeed
+    normalise too when the replica is on the CPU): datagen.teachers.runner.TeacherFeed.pack."""
+    from datagen.teachers.runner import TeacherFeed
 
     TeacherFeed(teacher.info(), len(images)).pack(images)
 
@@ -300,7 +300,7 @@ def part_teacher(rows: Rows, s: Sizes, work: Path) -> None:
     import torch
 
     from bench.teacher import save_random_da
-    from datagen.teacher import DepthTeacher
+    from datagen.teachers.runner import DepthTeacher
 
     dev = s.device
     model_dir = work / f"da-{s.teacher_arch}"
@@ -600,7 +600,7 @@ def ddp_steps(rows: Rows, s: Sizes, work: Path) -> None:
 def part_datagen(rows: Rows, s: Sizes, work: Path) -> None:
     import pyarrow.parquet as pq
 
-    from datagen.teacher import save_random_teacher
+    from datagen.teachers.runner import save_random_teacher
     from shared.shard import iter_samples, list_shards, validate_shard
 
     teacher = save_random_teacher(work / "tiny-da")

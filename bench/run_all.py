@@ -196,7 +196,7 @@ def md_calibration(d: dict) -> str:
             for fam, r in d["families"].items()]
     return (table(["family", "size", "strength", "AbsRel (95% CI)", "delta1 (95% CI)", "DA V2-L reference",
                    "share of AbsRel, each mode alone"], rows)
-            + f"\n\n{d['scenes']} scenes per family (seed {d['seed']}); the oracle teacher of datagen/oracle.py scored as "
+            + f"\n\n{d['scenes']} scenes per family (seed {d['seed']}); the oracle teacher of datagen/teachers/oracle.py scored as "
               "Depth Anything's zero-shot relative depth (affine fit in disparity, shared/relative_depth.py).")
 
 

@@ -7,8 +7,8 @@
 For each scene and each LiDAR mount (none: at the camera centre; kitti; random: one rig drawn per
 scene), the hdl64 pattern's rays are cast against the exact world mesh (the truth) and against the
 surfaces the pipeline builds from the exact dense depth map: the grid mesh (as before this bench
-existed), the grid mesh plus the hidden-geometry layer (datagen.hidden), and the Poisson mesh. The
-metrics (datagen.fidelity): recall (share of true returns reproduced within 1% range), spurious (share
+existed), the grid mesh plus the hidden-geometry layer (shared.scan.hidden), and the Poisson mesh. The
+metrics (shared.scan.fidelity): recall (share of true returns reproduced within 1% range), spurious (share
 of simulated returns without a true counterpart on the same ray), see-through fidelity (share of the
 true see-through returns reproduced). Counts are summed over scenes before dividing. The dense depth
 is the exact one, so what is measured is the single-view surface, not a teacher's errors.
@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from datagen.fidelity import scan_fidelity, scan_ranges, scan_ray_set  # noqa: E402
-from datagen.heightfield import grid_surface  # noqa: E402
-from datagen.hidden import hidden_layer  # noqa: E402
-from datagen.lidar import KITTI_MOUNT, Mount, sample_mount  # noqa: E402
-from datagen.lidar_patterns import LIDAR_PRESETS  # noqa: E402
-from datagen.mesh import poisson_mesh  # noqa: E402
 from datagen.sources.synthetic import DEFAULT_SIZE  # noqa: E402
-from datagen.synthetic import render_scene  # noqa: E402
+from datagen.world.scenes import render_scene  # noqa: E402
 from shared.camera import project  # noqa: E402
+from shared.scan.fidelity import scan_fidelity, scan_ranges, scan_ray_set  # noqa: E402
+from shared.scan.heightfield import grid_surface  # noqa: E402
+from shared.scan.hidden import hidden_layer  # noqa: E402
+from shared.scan.lidar import KITTI_MOUNT, Mount, sample_mount  # noqa: E402
+from shared.scan.mesh import poisson_mesh  # noqa: E402
+from shared.scan.patterns import LIDAR_PRESETS  # noqa: E402
 
 PATHS = ("grid", "grid + hidden", "poisson")
 MOUNTS = ("none", "kitti", "random")

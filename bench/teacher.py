@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datagen.teacher import DepthTeacher, TeacherFeed, TeacherUnavailable, _cached_snapshot  # noqa: E402
+from datagen.teachers.runner import DepthTeacher, TeacherFeed, TeacherUnavailable, _cached_snapshot  # noqa: E402
 
 V2_IDS = [f"depth-anything/Depth-Anything-V2-{s}-hf" for s in ("Small", "Base", "Large")]
 

@@ -5,7 +5,7 @@
     python bench/teacher_calibration.py --fit                # re-fit each family's strength (see below)
 
 For each family, scenes of seed --seed (default 2024; the fit used 1000, the ablation's data sets use
-seeds 1-3) at the family's default size, each with the oracle teacher of datagen/oracle.py; scored as
+seeds 1-3) at the family's default size, each with the oracle teacher of datagen/teachers/oracle.py; scored as
 Depth Anything's zero-shot relative depth is (shared/relative_depth.py: affine fit in disparity, AbsRel
 and delta1 on the non-sky pixels, the depth capped at 80 m outdoors and 10 m indoors). Printed per
 family: the mean over scenes with a 95% percentile-bootstrap interval, the published reference, the
@@ -13,7 +13,7 @@ AbsRel with each error mode alone (and its share of their sum), and what the sky
 
 --fit: bisection of `strength` (the multiplier of the layout errors, objects and bend) per family
 until the mean AbsRel over the fit scenes (seed 1000, 48 scenes) equals the reference; prints the
-strengths to put into datagen/oracle.py ORACLE_ERRORS. Run once, before any training result.
+strengths to put into datagen/teachers/oracle.py ORACLE_ERRORS. Run once, before any training result.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datagen.oracle import MODES, ORACLE_ERRORS, REFERENCES, TeacherErrors, oracle_teacher  # noqa: E402
 from datagen.sources.synthetic import DEFAULT_SIZE, scene_seed  # noqa: E402
-from datagen.synthetic import FAMILIES, MAX_DEPTH_M, render_scene  # noqa: E402
+from datagen.teachers.oracle import MODES, ORACLE_ERRORS, REFERENCES, TeacherErrors, oracle_teacher  # noqa: E402
+from datagen.world.scenes import FAMILIES, MAX_DEPTH_M, render_scene  # noqa: E402
 from shared.relative_depth import mean_interval, relative_depth_errors  # noqa: E402
 
 FIT_SEED = 1000

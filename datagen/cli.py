@@ -8,12 +8,12 @@ from pathlib import Path
 
 import typer
 
+from datagen.job.pipeline import run as run_job
+from datagen.job.settings import ConfigError, PipelineError, RunConfig
 from datagen.lidar_cli import lidar_app
-from datagen.pipeline import run as run_job
-from datagen.settings import ConfigError, PipelineError, RunConfig
 from datagen.sources.base import LayoutError
-from datagen.teacher import TeacherUnavailable
-from datagen.teacher_zoo import format_table
+from datagen.teachers.runner import TeacherUnavailable
+from datagen.teachers.zoo import format_table
 from shared.inspect import format_summary, summarize
 from shared.inspect import preview as write_preview
 from shared.storage import StorageError, join

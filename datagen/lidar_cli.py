@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from datagen.lidar import simulate_sparse_depth
-from datagen.lidar_fit import fit_pattern, format_report, read_intrinsics, read_pose, read_sparse_dir
-from datagen.lidar_patterns import azimuth_deg, elevation_deg, get_pattern, save_pattern
-from datagen.mesh import Mesh
-from datagen.synthetic import default_K, render_scene
+from datagen.world.scenes import default_K, render_scene
+from shared.scan.fit import fit_pattern, format_report, read_intrinsics, read_pose, read_sparse_dir
+from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import azimuth_deg, elevation_deg, get_pattern, save_pattern
 
 lidar_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

@@ -1,4 +1,4 @@
-"""Teacher map -> metric pseudo depth, for each kind of teacher (see datagen/teacher_zoo.py for the kinds).
+"""Teacher map -> metric pseudo depth, for each kind of teacher (see datagen/teachers/zoo.py for the kinds).
 
 - disparity (Depth Anything relative, MiDaS): `disparity_to_depth` (datagen/disparity.py): a near/far pair is
   drawn per image and inverse depth is made an affine function of the disparity between 1/far and 1/near.

@@ -20,11 +20,11 @@ from PIL import Image
 
 from datagen.camera import resize_image_and_K, sample_intrinsics
 from datagen.disparity import DEPTH_RANGES
-from datagen.lidar import simulate_sparse_depth
+from datagen.job.settings import RunConfig
 from datagen.pseudo_depth import teacher_to_depth
-from datagen.settings import RunConfig
-from datagen.teacher import OracleTeacher
+from datagen.teachers.runner import OracleTeacher
 from shared.camera import scale_K
+from shared.scan.lidar import simulate_sparse_depth
 from shared.shard import Sample
 
 SCENE_OF_FAMILY = {"street": "outdoor", "room": "indoor", "nature": "outdoor", "tabletop": "indoor"}  # synthetic

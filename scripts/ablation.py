@@ -8,7 +8,7 @@ The world models the paper's setting (docs/synthetic_world.md):
 - pre-training side, "internet photos": mixed scene families (street, room, ...), a random camera per
   scene, a random LiDAR pattern and mount per scene with an ideal sensor, and pseudo depth from the
   oracle teacher (the errors of a real monocular model) placed between a random near and far;
-- target side, "KITTI": street scenes through one fixed rig (datagen/rig.py: KITTI's camera scaled
+- target side, "KITTI": street scenes through one fixed rig (datagen/world/rig.py: KITTI's camera scaled
   to the frame, an hdl64 scaled with it on KITTI's mount, range noise and dropout), semi-dense GT
   accumulated from 11 scans (nothing above the top laser's reach), and held-out scenes from a seed
   nobody trained or tuned on, with dense GT.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datagen.sources import SOURCES, LayoutError, get_source
-from datagen.teacher import DEFAULT_TEACHER, TeacherUnavailable, resolve_teacher
+from datagen.teachers.runner import DEFAULT_TEACHER, TeacherUnavailable, resolve_teacher
 from trainer.checkpoint import latest_checkpoint, read_metadata
 
 

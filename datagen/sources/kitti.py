@@ -9,7 +9,7 @@ numbers per image.
 Every sample records its scanner in meta["lidar"] (what `trainer eval --sparsity lines:N` reads): the
 HDL-64E's nominal ring table and the Velodyne's pose in the frame's camera, from the drive date's
 calib_velo_to_cam.txt and calib_cam_to_cam.txt when the raw folder has them (pose_from "calibration"),
-else KITTI's nominal rig (pose_from "nominal": the offset of datagen.lidar.KITTI_MOUNT, no rotation).
+else KITTI's nominal rig (pose_from "nominal": the offset of shared.scan.lidar.KITTI_MOUNT, no rotation).
 The calibrated rotation matters: the Velodyne is turned about 0.6 deg in pitch and in roll against the
 rectified camera (2011_09_26), enough to tilt a ring across one or two of its neighbours in the image.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.lidar import KITTI_MOUNT
-from datagen.lidar_fit import read_pose
-from datagen.lidar_patterns import LIDAR_PRESETS
 from shared.depth import CodecError, decode_depth_png
+from shared.scan.fit import read_pose
+from shared.scan.lidar import KITTI_MOUNT
+from shared.scan.patterns import LIDAR_PRESETS
 
 from .base import InputError, Item, Record, Source, assign_keys, load_rgb
 
@@ -67,7 +67,7 @@ CAM3_FROM_CAM2_X_M = -0.5327
 def velodyne_pose(date_dir: str | None, camera: str | None) -> tuple[dict, str]:
     """(pose of the Velodyne in this rectified camera, as Mount.to_dict(); "calibration" or "nominal").
 
-    With <date>/calib_velo_to_cam.txt and calib_cam_to_cam.txt: datagen.lidar_fit.read_pose gives the
+    With <date>/calib_velo_to_cam.txt and calib_cam_to_cam.txt: shared.scan.fit.read_pose gives the
     pose in rectified camera 2; camera 3 is moved by the difference of the two P_rect baselines.
     """
     velo = Path(date_dir) / "calib_velo_to_cam.txt" if date_dir else None

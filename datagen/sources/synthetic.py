@@ -1,4 +1,4 @@
-"""The procedural world (datagen.synthetic) as a source: no files, exact depth, exact K.
+"""The procedural world (datagen.world.scenes) as a source: no files, exact depth, exact K.
 
 Unlabelled (default): RGB + the scene's K + its exact depth (the `oracle` teacher reads it).
 Labelled (labelled=True): a KITTI-like sample: a simulated HDL-64 scan from KITTI's rig (LiDAR 0.08 m
@@ -6,8 +6,8 @@ above, 0.27 m behind, 0.06 m right of the camera) with range noise and dropout a
 and the exact depth as GT: everywhere for gt="dense" (evaluation); for gt="semi" only where
 accumulated-LiDAR GT would have it: no labels above a row drawn in 30-40% of the height, and random
 elliptic holes below it; for gt="accumulated" where the scans of the frame and 5 frames either side
-land (datagen.rig.accumulated_gt, as KITTI builds its GT). Sky (depth 0) never has a label.
-rig="kitti" is the benchmark's target rig (datagen.rig): the KITTI camera scaled to the frame and an
+land (datagen.world.rig.accumulated_gt, as KITTI builds its GT). Sky (depth 0) never has a label.
+rig="kitti" is the benchmark's target rig (datagen.world.rig): the KITTI camera scaled to the frame and an
 hdl64 scaled with it, so the scan covers ~4% of the pixels as on full KITTI frames; rig="native"
 (default) casts the full hdl64 into whatever frame is asked for.
 meta["lidar"] keeps the scan's ring table (pattern.elevations_deg) and pose, which `trainer eval
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.lidar import simulate_sparse_depth
-from datagen.lidar_patterns import get_pattern
-from datagen.mesh import Mesh
-from datagen.rig import accumulated_gt, kitti_pattern
-from datagen.synthetic import FAMILIES, render_scene
+from datagen.world.rig import accumulated_gt, kitti_pattern
+from datagen.world.scenes import FAMILIES, render_scene
 from shared.camera import make_K
+from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import get_pattern
 
 from .base import InputError, Item, Record, Source, make_key
 

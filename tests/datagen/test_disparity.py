@@ -69,8 +69,8 @@ def test_degenerate_inputs():
 
 def _true_disparity_maps():
     """(name, relative disparity, has-surface mask) of sky-free and sky maps: affine maps of 1/depth."""
-    from datagen.oracle import oracle_teacher
-    from datagen.synthetic import render_scene
+    from datagen.teachers.oracle import oracle_teacher
+    from datagen.world.scenes import render_scene
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:48, 0:64] / np.array([47.0, 63.0])[:, None, None]

@@ -25,11 +25,11 @@ import pytest
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from datagen.pipeline import process_shard, run  # noqa: E402
-from datagen.settings import PipelineError, RunConfig  # noqa: E402
-from datagen.shard_files import ROWS_SUFFIX, shard_name, write_tables  # noqa: E402
+from datagen.job.pipeline import process_shard, run  # noqa: E402
+from datagen.job.settings import PipelineError, RunConfig  # noqa: E402
+from datagen.job.shard_files import ROWS_SUFFIX, shard_name, write_tables  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
-from datagen.teacher import OracleTeacher  # noqa: E402
+from datagen.teachers.runner import OracleTeacher  # noqa: E402
 from shared.shard import TMP_MARK, validate_shard  # noqa: E402
 
 N, SHARD, SEED = 24, 2, 5

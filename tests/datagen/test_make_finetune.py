@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from fixtures import make_kitti, make_nyu  # noqa: E402
 
-from datagen.teacher import save_random_teacher  # noqa: E402
+from datagen.teachers.runner import save_random_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MAKE = shutil.which("make")

@@ -26,10 +26,10 @@ pytest.importorskip("s3fs")
 from fixtures import make_bad_images, make_coco, make_folder  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from datagen import job_lock  # noqa: E402
 from datagen.cli import app  # noqa: E402
-from datagen.pipeline import RunConfig, run  # noqa: E402
-from datagen.runtime_env import requirements, runtime_env  # noqa: E402
+from datagen.job import lock as job_lock  # noqa: E402
+from datagen.job.pipeline import RunConfig, run  # noqa: E402
+from datagen.job.runtime_env import requirements, runtime_env  # noqa: E402
 from datagen.sources import InputError, LayoutError, get_source  # noqa: E402
 from shared import storage  # noqa: E402
 from shared.shard import iter_samples, list_shards  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from datagen.disparity import disparity_to_depth
-from datagen.oracle import (
+from datagen.teachers.oracle import (
     MODES,
     ORACLE_ERRORS,
     REFERENCE_SHORT_SIDE_PX,
@@ -16,7 +16,7 @@ from datagen.oracle import (
     footprint_width,
     oracle_teacher,
 )
-from datagen.synthetic import FAMILIES, MAX_DEPTH_M, render_scene
+from datagen.world.scenes import FAMILIES, MAX_DEPTH_M, render_scene
 from shared.relative_depth import relative_depth_errors
 
 W, H = 96, 64
@@ -235,7 +235,7 @@ def test_depth_only_still_works_and_keeps_the_sky(street):
 
 
 def test_oracle_teacher_class_passes_the_scene_through(street):
-    from datagen.teacher import OracleTeacher
+    from datagen.teachers.runner import OracleTeacher
 
     kw = {"rgb": street.rgb, "object_id": street.object_id, "family": "street"}
     a = OracleTeacher().predict_from_depth(street.depth_m, np.random.default_rng(4), **kw)

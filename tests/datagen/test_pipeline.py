@@ -20,12 +20,12 @@ from fixtures import make_bad_images, make_folder, make_kitti, make_nyu  # noqa:
 from typer.testing import CliRunner  # noqa: E402
 
 from datagen.cli import app  # noqa: E402
-from datagen.pipeline import process_shard, run  # noqa: E402
+from datagen.job.pipeline import process_shard, run  # noqa: E402
+from datagen.job.settings import PipelineError, RunConfig  # noqa: E402
+from datagen.job.shard_files import shard_name  # noqa: E402
 from datagen.sample import sample_seed  # noqa: E402
-from datagen.settings import PipelineError, RunConfig  # noqa: E402
-from datagen.shard_files import shard_name  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
-from datagen.teacher import OracleTeacher, save_random_teacher  # noqa: E402
+from datagen.teachers.runner import OracleTeacher, save_random_teacher  # noqa: E402
 from shared.shard import iter_samples, list_shards, validate_shard  # noqa: E402
 
 SYN = dict(source="synthetic", source_options={"width": 96, "height": 64}, progress="none")
@@ -235,7 +235,7 @@ def test_job_file_from_before_teacher_kinds_still_resumes(tmp_path):
     metric teacher in that folder is refused. teacher_about (licence, ...) is written but never compared."""
     from dataclasses import replace
 
-    from datagen.pipeline import check_job_file
+    from datagen.job.pipeline import check_job_file
 
     cfg = RunConfig(source="folder", root="/x", teacher="/m", teacher_output="disparity")  # as prepare fills it
     old = {k: v for k, v in cfg.fingerprint().items() if k not in ("teacher_output", "metric_scale_jitter")}
@@ -275,9 +275,9 @@ def test_cli(tmp_path):
 
 def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
     """--hidden-geometry/--no-hidden-geometry and --sensor reach the sample, its meta.json and job.json."""
-    from datagen.pipeline import prepare
-    from datagen.sensor import get_sensor
-    from datagen.settings import ConfigError
+    from datagen.job.pipeline import prepare
+    from datagen.job.settings import ConfigError
+    from shared.scan.sensor import get_sensor
 
     items = get_source("synthetic", None, count=1, width=96, height=64).items()
     base = {**SYN, "mount": "kitti", "source_options": {"width": 96, "height": 64, "count": 1}}

@@ -19,10 +19,10 @@ pytest.importorskip("psutil")
 
 from raynodes import Node, free_port, head_args  # noqa: E402
 
-from datagen.pipeline import process_shard  # noqa: E402
-from datagen.settings import RunConfig  # noqa: E402
+from datagen.job.pipeline import process_shard  # noqa: E402
+from datagen.job.settings import RunConfig  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
-from datagen.teacher import OracleTeacher  # noqa: E402
+from datagen.teachers.runner import OracleTeacher  # noqa: E402
 from shared.shard import validate_shard  # noqa: E402
 
 

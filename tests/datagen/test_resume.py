@@ -16,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from datagen.pipeline import RunConfig, run  # noqa: E402
+from datagen.job.pipeline import RunConfig, run  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
 from shared.shard import TMP_MARK, validate_shard  # noqa: E402
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, simulate_sparse_depth
-from datagen.lidar_patterns import LIDAR_PRESETS, get_pattern
-from datagen.mesh import Mesh
-from datagen.rig import accumulated_gt, frame_scale, kitti_pattern, scaled_pattern
 from datagen.sources.synthetic import SyntheticSource, random_K
-from datagen.synthetic import default_K, render_scene
+from datagen.world.rig import accumulated_gt, frame_scale, kitti_pattern, scaled_pattern
+from datagen.world.scenes import default_K, render_scene
+from shared.scan.lidar import KITTI_MOUNT, simulate_sparse_depth
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import LIDAR_PRESETS, get_pattern
 
 
 def test_scaled_pattern_keeps_every_nth_ring_and_stretches_the_azimuth_step():

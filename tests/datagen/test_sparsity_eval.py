@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from fixtures import make_kitti, make_nyu  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from datagen.lidar_fit import read_pose  # noqa: E402
 from datagen.sources import get_source  # noqa: E402
+from shared.scan.fit import read_pose  # noqa: E402
 from shared.shard import Sample, ShardWriter  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.cli import app  # noqa: E402

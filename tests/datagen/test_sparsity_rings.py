@@ -4,15 +4,15 @@ goes through the code that `trainer eval --sparsity` uses (shared.sparsity)."""
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
-from datagen.lidar_patterns import LIDAR_PRESETS
+from datagen.job.settings import RunConfig
 from datagen.sample import make_sample
-from datagen.settings import RunConfig
 from datagen.sources import get_source
 from datagen.sources.kitti import velodyne_pose
-from datagen.synthetic import render_scene
+from datagen.world.scenes import render_scene
 from shared import sparsity as sp
 from shared.camera import project
+from shared.scan.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
+from shared.scan.patterns import LIDAR_PRESETS
 
 # KITTI 2011_09_26: rectified camera 2 from the Velodyne, in the project's LiDAR axes (x right, y down,
 # z forward), from calib_velo_to_cam.txt and R_rect_00 of calib_cam_to_cam.txt: turned ~0.6 deg in

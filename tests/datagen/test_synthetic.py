@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import cast_rays
-from datagen.synthetic import _LAYOUTS, FAMILIES, MAX_DEPTH_M, default_K, render_scene
+from datagen.world.scenes import _LAYOUTS, FAMILIES, MAX_DEPTH_M, default_K, render_scene
+from shared.scan.lidar import cast_rays
 
 W, H = 160, 120
 

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from datagen.teacher import (  # noqa: E402
+from datagen.teachers.runner import (  # noqa: E402
     DepthTeacher,
     OracleTeacher,
     TeacherUnavailable,
@@ -158,7 +158,7 @@ def test_make_teacher_dispatch(tiny_da):
 
 
 def test_oracle_teacher_delegates_to_the_oracle(monkeypatch):
-    import datagen.teacher
+    import datagen.teachers.runner
 
     calls = []
 
@@ -166,8 +166,8 @@ def test_oracle_teacher_delegates_to_the_oracle(monkeypatch):
         calls.append((depth_m, rng, scene))
         return (1.0 / depth_m).astype(np.float32)
 
-    # a stand-in for datagen.oracle.oracle_teacher (tested in test_oracle.py): the class only passes through
-    monkeypatch.setattr(datagen.teacher, "oracle_teacher", fake_oracle)
+    # a stand-in for datagen.teachers.oracle.oracle_teacher (tested in test_oracle.py): the class only passes through
+    monkeypatch.setattr(datagen.teachers.runner, "oracle_teacher", fake_oracle)
     depth_m = np.full((3, 4), 2.0)
     rng = np.random.default_rng(1)
     out = OracleTeacher().predict_from_depth(depth_m, rng, family="street")

@@ -16,14 +16,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from datagen.disparity import disparity_to_depth  # noqa: E402
+from datagen.job.settings import RunConfig  # noqa: E402
 from datagen.pseudo_depth import SATURATION, relative_depth_to_depth  # noqa: E402
 from datagen.sample import make_sample, sample_rngs, sample_seed  # noqa: E402
-from datagen.settings import RunConfig  # noqa: E402
 from datagen.sources.base import Record  # noqa: E402
-from datagen.teacher import DepthTeacher, TeacherFeed, save_random_teacher, teacher_profile  # noqa: E402
-from datagen.teacher_prep import _pil_resize, load_transforms  # noqa: E402
-from datagen.teacher_zoo import TeacherOutputUnknown, output_kind  # noqa: E402
-from datagen.tiny_teachers import ARCHS  # noqa: E402
+from datagen.teachers.prep import _pil_resize, load_transforms  # noqa: E402
+from datagen.teachers.runner import DepthTeacher, TeacherFeed, save_random_teacher, teacher_profile  # noqa: E402
+from datagen.teachers.tiny import ARCHS  # noqa: E402
+from datagen.teachers.zoo import TeacherOutputUnknown, output_kind  # noqa: E402
 from shared.depth import DEPTH_SCALE  # noqa: E402
 from shared.shard import ShardWriter, encode_sample, iter_samples, validate_shard  # noqa: E402
 
@@ -220,11 +220,11 @@ def test_feed_for_a_cpu_model_normalises_and_finishes_in_the_task(teachers, imag
 def test_accelerator_path_gives_the_same_maps(arch, teachers, images, monkeypatch):
     """What a GPU replica does (uint8 pixels in, normalisation, network, post-processing and one transfer back
     per batch in the model process), run here on the CPU: the same maps and facts as the CPU split."""
-    import datagen.teacher
+    import datagen.teachers.runner
 
     teacher = teachers[arch]
     cpu = teacher.predict_with_info(images)
-    monkeypatch.setattr(datagen.teacher, "accelerated", lambda device: True)
+    monkeypatch.setattr(datagen.teachers.runner, "accelerated", lambda device: True)
     feed = TeacherFeed(teacher.info())
     packed = feed.pack(images)
     assert not packed.normalised
@@ -238,7 +238,7 @@ def test_accelerator_path_gives_the_same_maps(arch, teachers, images, monkeypatc
 def test_other_models_fall_back_to_their_own_processor(saved, images):
     """A model type without a tensor re-expression runs its own transformers processor in the shard task and its
     own post_process_depth_estimation: shown on the tiny Depth Anything, whose two paths must agree."""
-    from datagen.teacher_prep import ProcessorTransforms
+    from datagen.teachers.prep import ProcessorTransforms
 
     teacher = DepthTeacher(saved["depth_anything"], device="cpu", batch_size=2)
     fast = teacher.predict(images)

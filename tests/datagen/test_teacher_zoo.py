@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from datagen.cli import app
-from datagen.teacher import DEFAULT_TEACHER
-from datagen.teacher_zoo import MODEL_TYPES, OUTPUTS, license_line, teacher_license
+from datagen.teachers.runner import DEFAULT_TEACHER
+from datagen.teachers.zoo import MODEL_TYPES, OUTPUTS, license_line, teacher_license
 
 
 def card(folder, front_matter: str) -> str:
@@ -62,7 +62,7 @@ def test_datagen_teachers_lists_types_kinds_licences_sizes():
 def test_run_refuses_a_wrong_teacher_output_before_any_work(tmp_path, flag, message):
     from PIL import Image
 
-    from datagen.teacher import save_random_teacher
+    from datagen.teachers.runner import save_random_teacher
 
     teacher = save_random_teacher(tmp_path / "tiny")  # relative Depth Anything: its config says disparity
     (tmp_path / "photos").mkdir()

@@ -27,7 +27,7 @@ from fixtures import make_folder  # noqa: E402
 from raynodes import Node, free_port, head_args  # noqa: E402
 
 from datagen.sources import get_source, load_rgb  # noqa: E402
-from datagen.teacher import save_random_teacher  # noqa: E402
+from datagen.teachers.runner import save_random_teacher  # noqa: E402
 from shared import storage  # noqa: E402
 from shared.shard import iter_samples, list_shards, validate_shard  # noqa: E402
 

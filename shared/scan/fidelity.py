@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datagen.heightfield import GridSurface, cast_surface
-from datagen.lidar import Mount, cast_rays, scan_window
-from datagen.lidar_patterns import LidarPattern
-from datagen.mesh import Mesh
 from shared.camera import as_K, project
+from shared.scan.heightfield import GridSurface, cast_surface
+from shared.scan.lidar import Mount, cast_rays, scan_window
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import LidarPattern
 
 
 @dataclass

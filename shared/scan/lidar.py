@@ -2,7 +2,7 @@
 
 `simulate_sparse_depth` is the one call the pipeline makes per image: surface from the depth map ->
 scan (the pattern's rays from the mount, with the sensor's effects) -> projection to sparse depth. The
-patterns (which rays) are in datagen.lidar_patterns, the sensor's effects in datagen.sensor; this module
+patterns (which rays) are in shared.scan.patterns, the sensor's effects in shared.scan.sensor; this module
 holds the mount, the casting and the projection.
 
 Mount: p_cam = R_cam_from_lidar @ p_lidar + t_cam_from_lidar; t is the LiDAR origin in camera
@@ -13,9 +13,9 @@ A spinning sensor sweeps 360 degrees, but only what the camera sees can become s
 azimuths inside the camera's horizontal field of view (as seen from the LiDAR, plus a parallax margin)
 are cast: the rest would be thrown away by the projection anyway.
 
-Two casters. The grid mesh of a depth map (and its hidden-geometry layer, datagen.hidden) is a
+Two casters. The grid mesh of a depth map (and its hidden-geometry layer, shared.scan.hidden) is a
 height field in the image grid: `simulate_scan` given a GridSurface walks each ray's projection across
-the pixel grid (datagen.heightfield), exact for that mesh and with no BVH to build. Any other mesh
+the pixel grid (shared.scan.heightfield), exact for that mesh and with no BVH to build. Any other mesh
 (Poisson, the synthetic world's exact geometry) goes to Open3D's RaycastingScene, as below.
 
 Speed of the Open3D path: the cost of Open3D's RaycastingScene is its BVH build, linear in the
@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datagen.heightfield import GridSurface, cast_surface, grid_surface
-from datagen.hidden import hidden_layer
-from datagen.lidar_patterns import LidarPattern, azimuth_deg, elevation_deg, get_pattern
-from datagen.mesh import Mesh, build_mesh
-from datagen.sensor import (
+from shared import sparsity
+from shared.camera import as_K, project, rotation_from_rotvec
+from shared.scan.heightfield import GridSurface, cast_surface, grid_surface
+from shared.scan.hidden import hidden_layer
+from shared.scan.mesh import Mesh, build_mesh
+from shared.scan.patterns import LidarPattern, azimuth_deg, elevation_deg, get_pattern
+from shared.scan.sensor import (
     SensorModel,
     brightness,
     edge_beams,
@@ -49,8 +51,6 @@ from datagen.sensor import (
     noise_sigma,
     rim_directions,
 )
-from shared import sparsity
-from shared.camera import as_K, project, rotation_from_rotvec
 
 # ----------------------------------------------------------------------------------------------------
 # Mount
@@ -186,15 +186,15 @@ def simulate_scan(mesh: Mesh | GridSurface, pattern: LidarPattern, mount: Mount,
                   rgb: np.ndarray | None = None) -> ScanResult:
     """Cast the pattern's rays (inside the camera's horizontal view) from the mount against the surface.
 
-    mesh: a GridSurface (datagen.heightfield: the exact height-field walk, no BVH) or any Mesh (Open3D,
+    mesh: a GridSurface (shared.scan.heightfield: the exact height-field walk, no BVH) or any Mesh (Open3D,
     with the triangle culling of the module docstring; cull=False builds the BVH over every triangle).
     A return needs a first hit with min_range_m <= range <= max_range_m (before noise). The sensor
-    (datagen.sensor; default ideal) adds its effects; noise_std_m (Gaussian range noise along the ray)
+    (shared.scan.sensor; default ideal) adds its effects; noise_std_m (Gaussian range noise along the ray)
     and dropout (each return lost with that probability), when given, replace the sensor's own.
     rgb (H x W x 3 uint8, the camera image) is needed by the sensor's dark-surface dropout.
     az_margin_deg widens the camera's azimuth window: by default the largest angle a point at
     min_range_m can be displaced by the mount offset, asin(|t| / min_range), + 0.5 deg.
-    Draw order (same rng, same scan): azimuth phase, then the sensor's draws (datagen.sensor).
+    Draw order (same rng, same scan): azimuth phase, then the sensor's draws (shared.scan.sensor).
     """
     sensor = _with_overrides(get_sensor(sensor), noise_std_m, dropout)
     if sensor.needs_brightness and rgb is None:
@@ -298,7 +298,7 @@ def _cull(mesh: Mesh, pattern: LidarPattern, R: np.ndarray, t: np.ndarray, phase
 
 def _mix_edge_beams(r: np.ndarray, ok: np.ndarray, d_cam: np.ndarray, ring: np.ndarray, grid, cast,
                     sensor: SensorModel, max_range_m: float, rng: np.random.Generator) -> None:
-    """Mixed returns (datagen.sensor): rim rays for the beams next to a range jump; where a beam's
+    """Mixed returns (shared.scan.sensor): rim rays for the beams next to a range jump; where a beam's
     footprint straddles an edge, with probability mixed_returns its range becomes the footprint's mean.
     Changes r in place (only returns inside ok)."""
     idx = np.flatnonzero(edge_beams(np.where(ok, r, np.inf), grid))
@@ -397,7 +397,7 @@ def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Gen
     pattern: a preset name, 'random', 'custom:...' or a LidarPattern. mount: None (identity), 'random'
     (sample_mount), 'kitti' (KITTI_MOUNT) or a Mount. mesh: 'grid', 'poisson' or a ready Mesh (e.g. the
     synthetic world's exact geometry). occlusion='zbuffer' judges camera visibility by depth_m.
-    hidden: add the background hidden behind occluding edges (datagen.hidden) as a second grid layer;
+    hidden: add the background hidden behind occluding edges (shared.scan.hidden) as a second grid layer;
     None (default) = on when the mount is offset from the camera centre and mesh='grid' (it applies
     to the grid mesh only). sensor: a SensorModel, preset name or spec (get_sensor); None = the
     pattern's own (a pattern file's "sensor") or 'ideal'. noise_std_m and dropout, when given, replace

@@ -1,6 +1,6 @@
 """What a LiDAR does to the geometry it scans: range noise, lost returns, mixed returns at edges.
 
-A `SensorModel` is a set of seeded knobs applied to each ray's first hit (datagen.lidar.simulate_scan).
+A `SensorModel` is a set of seeded knobs applied to each ray's first hit (shared.scan.lidar.simulate_scan).
 Each knob changes one statistic and is 0 (off) in the `ideal` model:
 
 - noise_std_m, noise_rel: Gaussian range noise along the ray, sigma = noise_std_m + noise_rel * range

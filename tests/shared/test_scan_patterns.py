@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from datagen.lidar import Mount, simulate_scan, simulate_sparse_depth
-from datagen.lidar_patterns import (
+from shared.camera import make_K
+from shared.scan.lidar import Mount, simulate_scan, simulate_sparse_depth
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import (
     LIVOX_FOV_DEG,
     LidarPattern,
     density_pattern,
@@ -13,8 +15,6 @@ from datagen.lidar_patterns import (
     load_pattern,
     save_pattern,
 )
-from datagen.mesh import Mesh
-from shared.camera import make_K
 
 
 def _az_el(d):
@@ -143,7 +143,7 @@ K = make_K(90.0, 90.0, 99.5, 74.5)   # +-48 x +-40 deg
     ("density", ((-30, 30), (-15, 5))),
 ])
 def test_new_patterns_through_simulate_sparse_depth(tmp_path, spec, fov):
-    from datagen.synthetic import render_scene
+    from datagen.world.scenes import render_scene
 
     if spec == "density":
         spec = str(tmp_path / "dens.json")

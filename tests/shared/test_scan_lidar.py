@@ -1,10 +1,17 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import KITTI_MOUNT, Mount, project_scan, sample_mount, simulate_scan, simulate_sparse_depth
-from datagen.lidar_patterns import LIDAR_PRESETS, LidarPattern, get_pattern
-from datagen.mesh import Mesh, grid_mesh, poisson_mesh
 from shared.camera import make_K
+from shared.scan.lidar import (
+    KITTI_MOUNT,
+    Mount,
+    project_scan,
+    sample_mount,
+    simulate_scan,
+    simulate_sparse_depth,
+)
+from shared.scan.mesh import Mesh, grid_mesh, poisson_mesh
+from shared.scan.patterns import LIDAR_PRESETS, LidarPattern, get_pattern
 
 W, H = 160, 120
 K = make_K(100.0, 100.0, 79.5, 59.5)       # +-39 deg horizontally, +-31 vertically
@@ -212,8 +219,8 @@ def test_hidden_geometry_puts_the_wall_behind_the_box_edge(caster):
     """The LiDAR 0.3 m above the camera sees the wall over the box's top edge. From the depth map alone
     (the camera's view), the hidden layer gives those returns on the wall's plane, where the exact scene
     puts them; without it they are missing."""
-    from datagen.heightfield import grid_surface
-    from datagen.hidden import hidden_layer
+    from shared.scan.heightfield import grid_surface
+    from shared.scan.hidden import hidden_layer
 
     mesh = _box_and_wall()
     lift = 0.3
@@ -247,7 +254,7 @@ def test_hidden_geometry_puts_the_wall_behind_the_box_edge(caster):
 
 
 def _camera_depth(mesh):
-    from datagen.lidar import cast_rays
+    from shared.scan.lidar import cast_rays
     v, u = np.mgrid[0:H, 0:W].astype(np.float64)
     d = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1).reshape(-1, 3)
     t = cast_rays(mesh, np.zeros(3), d + 1e-7)
@@ -270,7 +277,7 @@ def test_rings_hit_a_scene_filling_the_view(preset):
 
 
 def test_cull_changes_nothing():
-    from datagen.synthetic import render_scene
+    from datagen.world.scenes import render_scene
     s = render_scene(3, "street", W, H, K)
     m = grid_mesh(s.depth_m, K)
     mount = Mount(np.eye(3), [0.06, -0.25, -0.27])
@@ -285,7 +292,7 @@ def test_cull_changes_nothing():
 # ---------------------------------------------------------------------------------------------- realism
 
 def test_hdl64_density_on_kitti_like_street_scenes():
-    from datagen.synthetic import render_scene
+    from datagen.world.scenes import render_scene
     Kk = make_K(721.5, 721.5, 609.6, 172.9 - 23.0)  # KITTI cam 2 after the 1216 x 352 bottom crop
     dens = []
     for seed in (0, 1):

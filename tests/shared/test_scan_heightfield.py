@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from datagen.heightfield import cast_surface, grid_surface
-from datagen.lidar import cast_rays
-from datagen.mesh import grid_mesh
 from shared.camera import make_K
+from shared.scan.heightfield import cast_surface, grid_surface
+from shared.scan.lidar import cast_rays
+from shared.scan.mesh import grid_mesh
 
 H, W = 30, 40
 K = make_K(40.0, 40.0, 19.5, 14.5)
@@ -70,7 +70,7 @@ def test_equals_open3d_on_random_depth_maps_both_layers(seed, origin):
 
 
 def test_one_layer_equals_grid_mesh_and_open3d_on_a_street_scene():
-    from datagen.synthetic import render_scene
+    from datagen.world.scenes import render_scene
 
     s = render_scene(4, "street", 160, 120)
     surf = grid_surface(s.depth_m, s.K)

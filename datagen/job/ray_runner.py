@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datagen.runtime_env import describe, runtime_env
+from datagen.job.runtime_env import describe, runtime_env
+from datagen.job.settings import PipelineError, RunConfig
+from datagen.job.shard_files import shard_name
 from datagen.sample import StageError
-from datagen.settings import PipelineError, RunConfig
-from datagen.shard_files import shard_name
-from datagen.teacher import ORACLE, OracleTeacher, Packed, TeacherFeed, make_teacher
+from datagen.teachers.runner import ORACLE, OracleTeacher, Packed, TeacherFeed, make_teacher
 
 log = logging.getLogger("datagen")
 
@@ -43,7 +43,7 @@ def local_cores() -> int:
 def connect_ray(address: str | None, workers: int | None, log_to_driver: bool,
                 ship: str = "auto") -> tuple[bool, int]:
     """Start a local Ray (loopback only) or join a cluster, shipping the code as `ship` says
-    (datagen/runtime_env.py). Returns (we started it, workers to use)."""
+    (datagen/job/runtime_env.py). Returns (we started it, workers to use)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in ("local", ""):
         address = None

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.settings import PipelineError
+from datagen.job.settings import PipelineError
 from shared import storage
 from shared.shard import ShardWriter
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from datagen.fidelity import ScanRays, scan_fidelity, scan_ranges, scan_ray_set
-from datagen.heightfield import grid_surface
-from datagen.lidar import Mount
-from datagen.lidar_patterns import LIDAR_PRESETS
 from shared.camera import make_K
+from shared.scan.fidelity import ScanRays, scan_fidelity, scan_ranges, scan_ray_set
+from shared.scan.heightfield import grid_surface
+from shared.scan.lidar import Mount
+from shared.scan.patterns import LIDAR_PRESETS
 
 W, H = 8, 6
 K = make_K(10.0, 10.0, 3.5, 2.5)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from datagen.lidar import cast_rays
-from datagen.mesh import Mesh, build_mesh, grid_mesh, poisson_mesh
 from shared.camera import backproject, make_K
+from shared.scan.lidar import cast_rays
+from shared.scan.mesh import Mesh, build_mesh, grid_mesh, poisson_mesh
 
 H, W = 30, 40
 K = make_K(40.0, 40.0, 19.5, 14.5)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from datagen.lidar import Mount, simulate_sparse_depth
 from datagen.lidar_cli import lidar_app
-from datagen.lidar_fit import FLU_FROM_RDF, fit_pattern, read_intrinsics, read_pose
-from datagen.lidar_patterns import LIDAR_PRESETS, get_pattern
-from datagen.mesh import Mesh
 from shared.camera import make_K, rotation_from_rotvec
 from shared.depth import encode_depth_png
+from shared.scan.fit import FLU_FROM_RDF, fit_pattern, read_intrinsics, read_pose
+from shared.scan.lidar import Mount, simulate_sparse_depth
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import LIDAR_PRESETS, get_pattern
 
 FX = 721.5  # KITTI's focal length: elevations quantised to +-0.04 deg by the pixel grid
 
@@ -96,7 +96,7 @@ def test_non_spinning_scans_fall_back_to_a_density(tmp_path):
     assert len(pat.directions) == round(np.mean([np.count_nonzero(m) for m in maps]))
     el = np.degrees(np.arctan2(-pat.directions[:, 1], np.hypot(pat.directions[:, 0], pat.directions[:, 2])))
     assert el.min() >= rep["elevation_range_deg"][0] - 0.5 and el.max() <= rep["elevation_range_deg"][1] + 0.5
-    from datagen.lidar_patterns import save_pattern
+    from shared.scan.patterns import save_pattern
     save_pattern(pat, tmp_path / "d.json")
     np.testing.assert_array_equal(get_pattern(str(tmp_path / "d.json")).directions, pat.directions)
 

@@ -1,6 +1,6 @@
 """LiDAR scan patterns: which rays a sensor fires, in the LiDAR frame. `get_pattern(spec)` reads `--lidar`.
 
-LiDAR frame: x right, y down, z forward, like the camera (datagen.lidar has the mount between the two). A
+LiDAR frame: x right, y down, z forward, like the camera (shared.scan.lidar has the mount between the two). A
 ray of elevation e (degrees, positive = up = -y) and azimuth a (degrees about the vertical axis,
 0 = forward = +z, positive towards +x = right) has the direction
     (cos e sin a, -sin e, cos e cos a).
@@ -12,7 +12,7 @@ Patterns, all a `LidarPattern` and all reached through get_pattern:
 - `livox:...`: the non-repetitive rosette of a Risley prism pair (solid-state sensors);
 - `lines:...`: a few scan lines over a limited field (line scanners);
 - a JSON pattern file: explicit directions, spinning rings, or an empirical direction density (e.g. one
-  fitted from real scans by datagen.lidar_fit), optionally with the sensor's effects ("sensor" entry).
+  fitted from real scans by shared.scan.fit), optionally with the sensor's effects ("sensor" entry).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datagen.sensor import SensorModel, get_sensor, parse_kv, read_json
 from shared import sparsity
+from shared.scan.sensor import SensorModel, get_sensor, parse_kv, read_json
 
 # ----------------------------------------------------------------------------------------------------
 # The pattern, and spinning sensors

@@ -2,7 +2,7 @@
 
 Why: every other source only has the teacher's guess of depth. Here the truth is known, so the whole
 chain (teacher -> depth -> mesh -> LiDAR) can be checked end to end, and the `oracle` teacher
-(datagen/oracle.py: the true depth with a monocular model's errors, calibrated to Depth Anything V2)
+(datagen/teachers/oracle.py: the true depth with a monocular model's errors, calibrated to Depth Anything V2)
 stands in for Depth Anything in tests and offline runs.
 
 A scene is a list of primitives (ground and terrain, sidewalks, walls and buildings, boxes, spheres,
@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datagen.mesh import Mesh
 from shared.camera import as_K, make_K, rotation_from_rotvec
+from shared.scan.mesh import Mesh
 
 FAMILIES = ("street", "room", "nature", "tabletop")
 # Farthest surface of each family's world, and the depth cap of its evaluation: KITTI's 80 m outdoors, NYUv2's
-# 10 m indoors (the caps of the MiDaS / Depth Anything zero-shot protocol, see datagen/oracle.py).
+# 10 m indoors (the caps of the MiDaS / Depth Anything zero-shot protocol, see datagen/teachers/oracle.py).
 MAX_DEPTH_M = {"street": 80.0, "room": 10.0, "nature": 80.0, "tabletop": 10.0}
 
 

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from datagen.heightfield import grid_surface
-from datagen.lidar import Mount, simulate_scan, simulate_sparse_depth
-from datagen.lidar_patterns import LIDAR_PRESETS, get_pattern, load_pattern, save_pattern
-from datagen.sensor import SENSOR_PRESETS, SensorModel, get_sensor
 from shared.camera import make_K
+from shared.scan.heightfield import grid_surface
+from shared.scan.lidar import Mount, simulate_scan, simulate_sparse_depth
+from shared.scan.patterns import LIDAR_PRESETS, get_pattern, load_pattern, save_pattern
+from shared.scan.sensor import SENSOR_PRESETS, SensorModel, get_sensor
 
 W, H = 160, 120
 K = make_K(60.0, 60.0, 79.5, 59.5)  # wide: +-53 / +-45 deg

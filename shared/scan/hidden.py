@@ -3,7 +3,7 @@
 A depth map holds only what the camera saw. A LiDAR mounted away from the camera looks past the
 foreground edges the camera saw and finds the background there (KITTI's scans are full of such
 points projected onto foreground objects). `hidden_layer` guesses that background so the ray caster
-(datagen.heightfield, layer 1 of the GridSurface) has something to hit instead of a hole.
+(shared.scan.heightfield, layer 1 of the GridSurface) has something to hit instead of a hole.
 
 Method (per occluding edge pixel pair, vectorised over the image in a compiled loop):
 1. Occluding edge: 4-neighbours s, e with z(s) > (1 + max_rel_jump) z(e): the grid mesh is cut

@@ -57,7 +57,7 @@ class RunConfig:
     source_options: dict = field(default_factory=dict, metadata=BYTES)
     # background behind occluding edges; None: on for offset mounts (grid mesh)
     hidden_geometry: bool | None = field(default=None, metadata=BYTES)
-    # sensor effects: ideal, realistic, PRESET:key=value,... or a .json (datagen.sensor)
+    # sensor effects: ideal, realistic, PRESET:key=value,... or a .json (shared.scan.sensor)
     sensor: str = field(default="ideal", metadata=BYTES)
     # disparity | depth | metric; None: from the model's config or datagen's table (prepare fills it in)
     teacher_output: str | None = field(default=None, metadata=_bytes_since("disparity"))
@@ -74,7 +74,7 @@ class RunConfig:
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
     log_every_s: float = 10.0
     ray_log_to_driver: bool = False  # worker stdout/stderr stay in the Ray session logs unless asked for
-    runtime_env: str = "auto"  # code shipped to a cluster: auto|full|code|off (datagen/runtime_env.py)
+    runtime_env: str = "auto"  # code shipped to a cluster: auto|full|code|off (datagen/job/runtime_env.py)
 
     def fingerprint(self) -> dict:
         """The settings of the bytes as plain JSON values: what job.json holds."""

@@ -18,7 +18,7 @@ T_cam_from_lidar (p_cam = R p_lidar + t; the project's LiDAR frame: x right, y d
    pixel rounding (a median of rounded differences would be biased towards whole pixels).
 4. If no clean ring structure is found (a solid-state or otherwise non-spinning sensor, or a spinning
    one seen with an unknown pose and a real mount offset), the result is an empirical density of
-   directions over (azimuth x elevation) cells, from which rays are drawn (datagen.lidar_patterns.density_pattern).
+   directions over (azimuth x elevation) cells, from which rays are drawn (shared.scan.patterns.density_pattern).
 
 Why the pose matters: elevations must be measured from the LiDAR's origin. Without the pose (identity),
 a sensor mounted dy metres above the camera sees a point at range r at an elevation off by about
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.lidar_patterns import LidarPattern, density_pattern
 from shared.camera import as_K, backproject
 from shared.depth import decode_depth_png
+from shared.scan.patterns import LidarPattern, density_pattern
 
 # ----------------------------------------------------------------------------------------------------
 # Angles of the scans' points, seen from the LiDAR

@@ -21,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.job_lock import LockBusy, job_lock
-from datagen.lidar import simulate_sparse_depth
-from datagen.ray_runner import RayRunner, ShardLost, TeacherRequest
-from datagen.runtime_env import MODES as RUNTIME_ENV_MODES
-from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
-from datagen.sensor import get_sensor
-from datagen.settings import ConfigError, PipelineError, RunConfig, fingerprint_in
-from datagen.shard_files import (
+from datagen.job.lock import LockBusy, job_lock
+from datagen.job.ray_runner import RayRunner, ShardLost, TeacherRequest
+from datagen.job.runtime_env import MODES as RUNTIME_ENV_MODES
+from datagen.job.settings import ConfigError, PipelineError, RunConfig, fingerprint_in
+from datagen.job.shard_files import (
     FAILURES,
     MANIFEST,
     ShardOutput,
@@ -39,10 +36,10 @@ from datagen.shard_files import (
     shard_name,
     write_tables,
 )
+from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
 from datagen.sources import get_source
 from datagen.sources.base import InputError
-from datagen.synthetic import render_scene
-from datagen.teacher import (
+from datagen.teachers.runner import (
     DEFAULT_TEACHER,
     ORACLE,
     OracleTeacher,
@@ -50,9 +47,12 @@ from datagen.teacher import (
     resolve_teacher,
     teacher_profile,
 )
-from datagen.teacher_zoo import TeacherOutputUnknown, license_line
+from datagen.teachers.zoo import TeacherOutputUnknown, license_line
+from datagen.world.scenes import render_scene
 from shared import storage
 from shared.camera import make_K
+from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.sensor import get_sensor
 from shared.shard import encode_sample
 
 log = logging.getLogger("datagen")
@@ -286,7 +286,7 @@ def run(cfg: RunConfig) -> RunSummary:
         raise PipelineError(str(exc)) from exc
     about = {"teacher_about": {k: profile[k] for k in ("model_type", "output", "output_source", "license")}}
     try:
-        with job_lock(out_dir):  # datagen/job_lock.py: fcntl on a local folder, a lease on an object store
+        with job_lock(out_dir):  # datagen/job/lock.py: fcntl on a local folder, a lease on an object store
             return _run_locked(cfg, items, teacher_resolved, out_dir, t_start, about)
     except LockBusy as exc:
         raise PipelineError(str(exc)) from exc

@@ -6,7 +6,7 @@ second instead of after decoding a data set. `DepthTeacher.predict` reproduces w
 `pipeline("depth-estimation")` returns for each image, only batched: images whose processed tensors have the
 same size share a forward pass. The work is split so that a model process does only the network: a
 `TeacherFeed` (in the shard tasks) resizes the images and finishes the maps of a CPU model, `DepthTeacher.run`
-(in the model process) transfers, normalises and post-processes on an accelerator (see datagen/teacher_prep.py).
+(in the model process) transfers, normalises and post-processes on an accelerator (see datagen/teachers/prep.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.oracle import oracle_teacher
-from datagen.teacher_prep import load_transforms, transforms_from_spec
-from datagen.teacher_zoo import head_max_depth, output_kind, teacher_license
-from datagen.tiny_teachers import save as save_tiny_teacher
+from datagen.teachers.oracle import oracle_teacher
+from datagen.teachers.prep import load_transforms, transforms_from_spec
+from datagen.teachers.tiny import save as save_tiny_teacher
+from datagen.teachers.zoo import head_max_depth, output_kind, teacher_license
 
 DEFAULT_TEACHER = "depth-anything/Depth-Anything-V2-Large-hf"  # the paper's; -Small-hf / -Base-hf work too
 ORACLE = "oracle"
@@ -157,7 +157,7 @@ def accelerated(device: str) -> bool:
 
 def teacher_profile(spec: str, output: str | None = None, config=None) -> dict:
     """What the pipeline must know about a teacher before any work: model type, output kind (see
-    datagen/teacher_zoo.py), the largest depth a bounded metric head gives, and the licence of its weights.
+    datagen/teachers/zoo.py), the largest depth a bounded metric head gives, and the licence of its weights.
 
     `spec` is what resolve_teacher returned. Reads config.json (never remote code, never the network when
     the weights are cached); raises TeacherOutputUnknown when the kind cannot be told.
@@ -258,7 +258,7 @@ class TeacherFeed:
 class DepthTeacher:
     """Any depth model of transformers (AutoModelForDepthEstimation), batched; `predict` equals the HF
     pipeline per image. In the Ray pipeline this object lives in the model process and only `run` is called
-    there: the shard tasks prepare and finish the maps with a TeacherFeed (see datagen/teacher_prep.py)."""
+    there: the shard tasks prepare and finish the maps with a TeacherFeed (see datagen/teachers/prep.py)."""
 
     def __init__(self, spec: str = DEFAULT_TEACHER, device: str | None = None, dtype=None, batch_size: int = 8,
                  output: str | None = None):
@@ -343,7 +343,7 @@ class OracleTeacher:
     revision = None
 
     def predict_from_depth(self, depth_m: np.ndarray, rng: np.random.Generator, **scene) -> np.ndarray:
-        """scene: rgb, object_id, family of the synthetic scene (see datagen.oracle.oracle_teacher)."""
+        """scene: rgb, object_id, family of the synthetic scene (see datagen.teachers.oracle.oracle_teacher)."""
         return oracle_teacher(depth_m, rng, **scene)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -366,7 +366,7 @@ def save_random_teacher(path: str | Path, seed: int = 0, arch: str = "depth_anyt
     """Save a tiny, randomly initialised depth model (default: Depth Anything V2 with a 56 px processor).
 
     For tests, benchmarks and offline dry runs of the real loading path: `DepthTeacher(path)` loads it
-    exactly as it loads downloaded weights. `arch`: any key of datagen.tiny_teachers.ARCHS
+    exactly as it loads downloaded weights. `arch`: any key of datagen.teachers.tiny.ARCHS
     (depth_anything, depth_anything_metric, prompt_depth_anything, dpt, zoedepth, depth_pro, glpn).
     """
     return save_tiny_teacher(path, arch=arch, seed=seed)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
-from datagen.lidar_patterns import LIDAR_PRESETS, LidarPattern
-from datagen.mesh import Mesh
+from shared.scan.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
+from shared.scan.mesh import Mesh
+from shared.scan.patterns import LIDAR_PRESETS, LidarPattern
 
 KITTI_FX_PX = 721.5377          # KITTI raw colour camera 2 (P_rect_02), 1242 px wide frames
 ACCUMULATED_FRAMES = 5          # KITTI's GT: the frame and 5 either side (11 scans)

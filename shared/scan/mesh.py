@@ -14,7 +14,7 @@ Two methods, both returning a Mesh in camera coordinates (x right, y down, z for
   at camera height h ends: z = h * tan(limit) (what the default keeps: docs/pipeline.md, "Mesh").
   A grid mesh holds only what the camera saw, so a LiDAR mounted away from the camera finds holes
   (no return) behind foreground edges, never the hidden background a real scan shows there; the
-  hidden-geometry layer (datagen.hidden) is a guess of that background, meshed by the same rules.
+  hidden-geometry layer (shared.scan.hidden) is a guess of that background, meshed by the same rules.
 - poisson: the paper's choice. Points with Open3D normals oriented towards the camera, screened
   Poisson reconstruction, and trimming of the vertices with the lowest density (the surface Poisson
   invents far from any sample). Smooth, watertight-ish, so it also closes surfaces the camera did

@@ -1,8 +1,8 @@
 """A layered height field in the image grid, and an exact ray caster for the union of its grid meshes.
 
 The camera-view surface of one image is a stack of depth layers on the pixel grid: layer 0 is the dense
-depth map the camera saw, layer 1 (optional, datagen.hidden) the background hidden behind occluding
-edges. Each layer is meshed by the grid rules of datagen.mesh (grid_faces: same triangles, same
+depth map the camera saw, layer 1 (optional, shared.scan.hidden) the background hidden behind occluding
+edges. Each layer is meshed by the grid rules of shared.scan.mesh (grid_faces: same triangles, same
 max_rel_jump and grazing cuts), and `GridSurface.to_mesh()` is exactly the union of those meshes.
 
 Why not a BVH: a grid mesh is a height field in image space. Its vertices are back-projected pixel
@@ -25,7 +25,7 @@ Details that make the walk exact and short:
 - Triangles are intersected in float64 (Moeller-Trumbore, edges included) from the same float32
   vertices grid_mesh builds.
 
-Agreement with Open3D on the same mesh (tests/datagen/test_heightfield.py): hit distances within
+Agreement with Open3D on the same mesh (tests/shared/test_scan_heightfield.py): hit distances within
 2e-5 relative (Open3D casts in float32; the largest seen is 3e-6); hit/miss may differ only for rays
 within float rounding of a triangle edge, where either answer is right (none in 320,000 random rays).
 
@@ -33,7 +33,7 @@ Compiled with numba because the walk stops at the first hit, which vectorised nu
 form would test every block of every clipped segment (millions for hdl64 at 640 x 480). With
 cache=True the first call in a fresh process without a cache compiles the functions; later processes
 load the cached machine code from __pycache__ (or NUMBA_CACHE_DIR). The pipeline's warm-up task
-(datagen.pipeline.warm_up) makes that call while the teacher loads. Measured times of both:
+(datagen.job.pipeline.warm_up) makes that call while the teacher loads. Measured times of both:
 docs/own_sensor.md, "Ray casting: a height-field walk".
 """
 
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from datagen.mesh import GridFaces, Mesh, faces_to_mesh, grid_faces
 from shared.camera import as_K
+from shared.scan.mesh import GridFaces, Mesh, faces_to_mesh, grid_faces
 
 
 @dataclass
