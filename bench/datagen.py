@@ -25,6 +25,7 @@ process tree (driver, raylet, GCS, workers, teacher), sampled every 0.1 s, for 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -259,10 +260,9 @@ def real_size_run(tmp: Path, reps: int) -> dict:
     processor.save_pretrained(tmp / "tiny_da_518")
     teacher = DepthTeacher(str(tmp / "tiny_da_518"), device="cpu", batch_size=4)
     cfg = RunConfig()
-    lidar_kw = dict(pattern=cfg.lidar, mesh=cfg.mesh, occlusion=cfg.occlusion, noise_std_m=cfg.lidar_noise_m,
-                    dropout=cfg.lidar_dropout, mount=cfg.mount)
+    spec = cfg.scan  # datagen run's default scan
     out = {"reps": reps, "node_cores": NODE_CORES, "teacher_gpu_img_s": TEACHER_GPU_IMG_S,
-           "lidar": lidar_kw, "sizes": {}}
+           "lidar": spec.to_dict(), "sizes": {}}
     for w, h in REAL_SIZES:
         scene = render_scene(3, "street", w, h)
         photo = tmp / f"photo_{w}x{h}.jpg"
@@ -271,7 +271,7 @@ def real_size_run(tmp: Path, reps: int) -> dict:
         disp = oracle_teacher(scene.depth_m, np.random.default_rng(0))
         depth, _ = disparity_to_depth(disp, np.random.default_rng(1))
         K = sample_intrinsics(w, h, np.random.default_rng(2))
-        sparse, info = simulate_sparse_depth(depth, K, np.random.default_rng(3), **lidar_kw)
+        sparse, info = simulate_sparse_depth(depth, K, np.random.default_rng(3), spec)
         sample = Sample("bench", rgb, K, teacher=disp, depth=depth, sparse=sparse)
         new, old = encode_sample(sample), legacy_encode_sample(sample)
         a, b = decode_sample(new), decode_sample(old)
@@ -280,10 +280,11 @@ def real_size_run(tmp: Path, reps: int) -> dict:
             "JPEG decode": best_ms(lambda p=photo: load_rgb(p), reps),
             "disparity -> depth": best_ms(lambda d=disp: disparity_to_depth(d, np.random.default_rng(1)), reps),
             "mesh + scan + projection (old: Open3D BVH over the grid mesh, no hidden layer)": best_ms(
-                lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3), **lidar_kw,
-                                                           caster="open3d", hidden=False), reps),
+                lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3),
+                                                           dataclasses.replace(spec, hidden=False), caster="open3d"),
+                reps),
             "mesh + scan + projection (new: height-field walk, hidden layer)": best_ms(
-                lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3), **lidar_kw), reps),
+                lambda d=depth, k=K: simulate_sparse_depth(d, k, np.random.default_rng(3), spec), reps),
             "encode the sample (old: PIL, zlib level 3)": best_ms(lambda s=sample: legacy_encode_sample(s), reps),
             "encode the sample (new: direct PNG writer)": best_ms(lambda s=sample: encode_sample(s), reps),
         }

@@ -48,6 +48,7 @@ from shared.scan.hidden import hidden_layer  # noqa: E402
 from shared.scan.lidar import KITTI_MOUNT, project_scan, simulate_scan, simulate_sparse_depth  # noqa: E402
 from shared.scan.mesh import grid_mesh, poisson_mesh  # noqa: E402
 from shared.scan.patterns import LIDAR_PRESETS  # noqa: E402
+from shared.scan.spec import ScanSpec  # noqa: E402
 
 KITTI_K = make_K(721.5, 721.5, 609.6, 172.9 - 23.0)  # cam 2, 1242 x 375 cropped to the bottom 1216 x 352
 SIZES = {"640x480": (640, 480, None), "1280x960": (1280, 960, None), "1216x352": (1216, 352, KITTI_K)}
@@ -77,7 +78,8 @@ def bench_size(width: int, height: int, K, n_scenes: int, n_poisson: int) -> dic
         rows.setdefault(name, []).append(ms)
 
     def full(depth, seed, **kw):
-        return simulate_sparse_depth(depth, K, np.random.default_rng(seed), pattern="hdl64", mount=KITTI_MOUNT, **kw)
+        return simulate_sparse_depth(depth, K, np.random.default_rng(seed), ScanSpec(lidar="hdl64", **kw),
+                                     mount=KITTI_MOUNT)
 
     s = render_scene(999, "street", width, height, K)  # warm-up (imports, first BVH, compiled casters)
     full(s.depth_m, 0, hidden=True)
@@ -124,8 +126,8 @@ def kitti_density(n: int) -> dict[str, tuple[float, float, float]]:
         dens = []
         for seed in range(n):
             s = render_scene(1000 + seed, "street", 1216, 352, KITTI_K)
-            _, info = simulate_sparse_depth(s.depth_m, KITTI_K, np.random.default_rng(seed), pattern="hdl64",
-                                            mount=KITTI_MOUNT, mesh="grid", hidden=hidden)
+            _, info = simulate_sparse_depth(s.depth_m, KITTI_K, np.random.default_rng(seed),
+                                            ScanSpec(lidar="hdl64", hidden=hidden), mount=KITTI_MOUNT)
             dens.append(info["density"])
         out["grid + hidden" if hidden else "grid"] = (float(np.mean(dens)), float(np.min(dens)), float(np.max(dens)))
     return out
@@ -135,12 +137,13 @@ FIRST_CALL = """
 import time, numpy as np
 t0 = time.perf_counter()
 from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.spec import ScanSpec
 from shared.camera import make_K
 t1 = time.perf_counter()
 args = (np.full((32, 32), 5.0, np.float32), make_K(30.0, 30.0, 15.5, 15.5), np.random.default_rng(0))
-simulate_sparse_depth(*args, mount="kitti")
+simulate_sparse_depth(*args, ScanSpec(mount="kitti"))
 t2 = time.perf_counter()
-simulate_sparse_depth(*args, mount="kitti")
+simulate_sparse_depth(*args, ScanSpec(mount="kitti"))
 t3 = time.perf_counter()
 print((t1 - t0) * 1000, (t2 - t1 - (t3 - t2)) * 1000)
 """

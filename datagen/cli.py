@@ -16,6 +16,7 @@ from datagen.teachers.runner import TeacherUnavailable
 from datagen.teachers.zoo import format_table
 from shared.inspect import format_summary, summarize
 from shared.inspect import preview as write_preview
+from shared.scan.spec import ScanSpec, ScanSpecError
 from shared.storage import StorageError, join
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -102,9 +103,10 @@ def run(
                                                 help="Extend the background behind occluding edges so an offset "
                                                 "LiDAR sees past them. Default: on for --mount kitti/random "
                                                 "(grid mesh), off for none."),
-    sensor: str = typer.Option("ideal", help="Sensor effects: ideal (none), realistic (HDL-64E-like noise, "
-                               "dropouts, mixed returns), PRESET:key=value,... or a .json (docs/own_sensor.md). "
-                               "--lidar-noise-m/--lidar-dropout > 0 replace its uniform noise/dropout."),
+    sensor: str | None = typer.Option(None, help="Sensor effects: ideal (none), realistic (HDL-64E-like noise, "
+                                      "dropouts, mixed returns), PRESET:key=value,... or a .json "
+                                      "(docs/own_sensor.md). --lidar-noise-m/--lidar-dropout > 0 replace its "
+                                      "uniform noise/dropout. Default: a pattern file's own sensor, else ideal."),
     intrinsics: str = typer.Option("random", help="random, or native where the source has real intrinsics."),
     max_size: int = typer.Option(1280, help="Longest image side; larger inputs are downscaled (K follows). "
                                  "0: never."),
@@ -122,12 +124,16 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = dict(labelled=labelled, gt=gt, family=family, width=width, height=height)
     options.update(_parse_option(o) for o in option)
+    try:
+        scan = ScanSpec.from_cli(lidar=lidar, mount=mount, mesh=mesh, occlusion=occlusion, lidar_noise_m=lidar_noise_m,
+                                 lidar_dropout=lidar_dropout, hidden_geometry=hidden_geometry, sensor=sensor)
+    except ScanSpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     cfg = RunConfig(source=source, root=root or None, out=out, workers=workers,
                     address=address, runtime_env=runtime_env, teacher=teacher, teacher_replicas=teacher_replicas,
                     teacher_batch=teacher_batch, teacher_output=teacher_output,
-                    metric_scale_jitter=metric_scale_jitter, limit=limit, seed=seed, shard_size=shard_size, lidar=lidar,
-                    mesh=mesh, occlusion=occlusion, mount=mount, lidar_noise_m=lidar_noise_m,
-                    lidar_dropout=lidar_dropout, hidden_geometry=hidden_geometry, sensor=sensor,
+                    metric_scale_jitter=metric_scale_jitter, limit=limit, seed=seed, shard_size=shard_size, scan=scan,
                     intrinsics=intrinsics,
                     max_size=max_size or None, rgb_format=rgb_format,
                     source_options={k: v for k, v in options.items() if v is not None}, progress=progress)

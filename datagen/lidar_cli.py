@@ -12,6 +12,7 @@ from shared.scan.fit import fit_pattern, format_report, read_intrinsics, read_po
 from shared.scan.lidar import simulate_sparse_depth
 from shared.scan.mesh import Mesh
 from shared.scan.patterns import azimuth_deg, elevation_deg, get_pattern, save_pattern
+from shared.scan.spec import ScanSpec
 
 lidar_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -42,8 +43,8 @@ def show_pattern(spec: str, out: str, *, intrinsics: str | None = None, width: i
                     np.array([[0, 1, 2], [0, 2, 3]]))
     else:
         raise ValueError(f"scene must be street, room or plane, got {scene!r}")
-    sparse, info = simulate_sparse_depth(np.zeros((height, width), np.float32), K, rng, pattern=pat, mount=mount,
-                                         mesh=mesh)
+    sparse, info = simulate_sparse_depth(np.zeros((height, width), np.float32), K, rng,
+                                         ScanSpec(lidar=spec, mount=mount or "none"), pattern=pat, surface=mesh)
 
     if pat.spinning:
         d, _ = pat.rays(-180.0, 180.0)

@@ -139,14 +139,8 @@ def make_sample(record, teacher: tuple[np.ndarray, dict] | StageError | None, cf
     else:
         with stage("intrinsics"):
             K, meta["intrinsics"] = sample_intrinsics(w, h, rngs["intrinsics"]), "random"
-    mount = None if cfg.mount == "none" else cfg.mount  # None: the LiDAR at the camera centre
     with stage("lidar"):
-        # a noise or dropout of 0 means "the sensor's own" (None), not "none at all"
-        sparse, lidar_info = simulate_sparse_depth(depth_m, K, rngs["lidar"], pattern=cfg.lidar, mount=mount,
-                                                   mesh=cfg.mesh, occlusion=cfg.occlusion,
-                                                   noise_std_m=cfg.lidar_noise_m or None,
-                                                   dropout=cfg.lidar_dropout or None, hidden=cfg.hidden_geometry,
-                                                   sensor=cfg.sensor, rgb=record.rgb)
+        sparse, lidar_info = simulate_sparse_depth(depth_m, K, rngs["lidar"], cfg.scan, rgb=record.rgb)
     meta["depth_range"] = depth_info
-    meta["lidar"] = {**lidar_info, "preset": lidar_info.get("preset", cfg.lidar), "seed": seed}
+    meta["lidar"] = {**lidar_info, "preset": lidar_info.get("preset", cfg.scan.lidar), "seed": seed}
     return Sample(record.key, record.rgb, K, teacher=teacher_map, depth=depth_m, sparse=sparse, meta=meta)

@@ -52,7 +52,6 @@ from datagen.world.scenes import render_scene
 from shared import storage
 from shared.camera import make_K
 from shared.scan.lidar import simulate_sparse_depth
-from shared.scan.sensor import get_sensor
 from shared.shard import encode_sample
 
 log = logging.getLogger("datagen")
@@ -136,7 +135,7 @@ def write_samples(shard: ShardOutput, loaded: list[tuple], request: TeacherReque
         except StageError as exc:
             shard.fail(item, exc.stage, exc.error)
             continue
-        lidar = None if is_labelled(record) else cfg.lidar
+        lidar = None if is_labelled(record) else cfg.scan.lidar
         shard.write(members, manifest_row(item, shard.name, sample, members, teacher_info.get("model"), lidar))
 
 
@@ -175,10 +174,10 @@ def warm_up(cfg: RunConfig) -> int:
         if cfg.source == "synthetic":
             render_scene(0, family="street", width=32, height=32)
             OracleTeacher().predict_from_depth(np.full((32, 32), 5.0, np.float32), np.random.default_rng(0))
+        mount = "none" if cfg.scan.mount == "none" else "kitti"  # an offset mount compiles the hidden layer too
         simulate_sparse_depth(np.full((32, 32), 5.0, np.float32), make_K(30.0, 30.0, 15.5, 15.5),
-                              np.random.default_rng(0), pattern=cfg.lidar, mesh=cfg.mesh,
-                              mount=None if cfg.mount in (None, "none") else "kitti",  # compiles the casters
-                              sensor=cfg.sensor, rgb=np.zeros((32, 32, 3), np.uint8))
+                              np.random.default_rng(0), replace(cfg.scan, mount=mount),
+                              rgb=np.zeros((32, 32, 3), np.uint8))
     except Exception:  # noqa: BLE001
         pass
     return os.getpid()
@@ -190,7 +189,7 @@ def warm_up(cfg: RunConfig) -> int:
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     """Everything that must fail fast, before Ray starts: source layout, items, teacher (its weights, the kind
-    of map it gives, its licence), sensor.
+    of map it gives, its licence). The scan's settings were checked when cfg.scan was made (ScanSpec).
 
     Returns the settings with the teacher, its output kind and the source options filled in, the input
     items, the teacher to load (a folder path or hub id, see resolve_teacher) and its profile
@@ -198,7 +197,6 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
     out = _checked_out(cfg)
-    _check_lidar_settings(cfg)
     source_options = {k: v for k, v in cfg.source_options.items() if v is not None}
     if cfg.source == "synthetic":
         source_options.setdefault("seed", cfg.seed)  # --seed S also gives a new synthetic world
@@ -242,16 +240,6 @@ def _checked_out(cfg: RunConfig) -> str:
         return storage.check(cfg.out, "--out")
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def _check_lidar_settings(cfg: RunConfig) -> None:
-    """The sensor spec parses, and hidden geometry is asked for only where it applies (the grid mesh)."""
-    try:
-        get_sensor(cfg.sensor)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"--sensor {cfg.sensor!r}: {exc}") from exc
-    if cfg.hidden_geometry and cfg.mesh != "grid":
-        raise ConfigError(f"--hidden-geometry applies to --mesh grid, not {cfg.mesh!r}")
 
 
 def check_job_file(out_dir: str | Path, cfg: RunConfig, about: dict | None = None) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 
+from shared.scan.spec import ScanSpec
+
 BYTES = {"fingerprint": True}  # field metadata: this setting changes the bytes of a shard
 
 
@@ -42,23 +44,14 @@ class RunConfig:
     teacher: str | None = field(default=None, metadata=BYTES)  # None: oracle for synthetic, else DEFAULT_TEACHER
     seed: int = field(default=0, metadata=BYTES)
     shard_size: int = field(default=128, metadata=BYTES)
-    lidar: str = field(default="hdl64", metadata=BYTES)
-    mesh: str = field(default="grid", metadata=BYTES)
-    occlusion: str = field(default="none", metadata=BYTES)
-    # random: a rig drawn per sample (parallax as on real cars); none; kitti
-    mount: str | None = field(default="random", metadata=BYTES)
-    lidar_noise_m: float = field(default=0.0, metadata=BYTES)  # Gaussian range noise (> 0: replaces the sensor's)
-    lidar_dropout: float = field(default=0.0, metadata=BYTES)  # fraction of returns dropped (> 0: replaces it)
+    # which scan: pattern, mount, surface, occlusion, sensor (shared.scan.spec; job.json holds its option names)
+    scan: ScanSpec = field(default_factory=ScanSpec, metadata=BYTES)
     intrinsics: str = field(default="random", metadata=BYTES)
     # longest image side; larger unlabelled inputs are downscaled (K follows)
     max_size: int | None = field(default=1280, metadata=BYTES)
     rgb_format: str = field(default="jpg", metadata=BYTES)
     # family, width, height, labelled, gt, splits, ... (a synthetic `count` is left out of the fingerprint)
     source_options: dict = field(default_factory=dict, metadata=BYTES)
-    # background behind occluding edges; None: on for offset mounts (grid mesh)
-    hidden_geometry: bool | None = field(default=None, metadata=BYTES)
-    # sensor effects: ideal, realistic, PRESET:key=value,... or a .json (shared.scan.sensor)
-    sensor: str = field(default="ideal", metadata=BYTES)
     # disparity | depth | metric; None: from the model's config or datagen's table (prepare fills it in)
     teacher_output: str | None = field(default=None, metadata=_bytes_since("disparity"))
     # metric teachers: a global scale per image in [1/(1+j), 1+j]; 0 = off
@@ -77,8 +70,9 @@ class RunConfig:
     runtime_env: str = "auto"  # code shipped to a cluster: auto|full|code|off (datagen/job/runtime_env.py)
 
     def fingerprint(self) -> dict:
-        """The settings of the bytes as plain JSON values: what job.json holds."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}
+        """The settings of the bytes as plain JSON values: what job.json holds (the scan as its options)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint") and f.name != "scan"}
+        d.update(self.scan.cli_fields())
         # how many inputs is not a setting of the bytes (synthetic's count works like --limit)
         d["source_options"] = {k: v for k, v in sorted(self.source_options.items()) if k != "count"}
         return json.loads(json.dumps(d))
@@ -87,4 +81,6 @@ class RunConfig:
 def fingerprint_in(job: dict) -> dict:
     """The fingerprint a job.json holds, in today's terms: a setting it lacks takes the value it had before
     the setting existed (None where there is none); its other keys (teacher_about, ...) are left out."""
-    return {f.name: job.get(f.name, f.metadata.get("absent")) for f in fields(RunConfig) if f.metadata.get("fingerprint")}
+    d = {f.name: job.get(f.name, f.metadata.get("absent")) for f in fields(RunConfig)
+         if f.metadata.get("fingerprint") and f.name != "scan"}
+    return d | {k: job.get(k) for k in ScanSpec().cli_fields()}

@@ -33,6 +33,7 @@ from shared.camera import make_K
 from shared.scan.lidar import simulate_sparse_depth
 from shared.scan.mesh import Mesh
 from shared.scan.patterns import get_pattern
+from shared.scan.spec import ScanSpec
 
 from .base import InputError, Item, Record, Source, make_key
 
@@ -151,13 +152,14 @@ only, default default)."""
 
     def _label(self, rec: Record, scene, seed: int) -> None:
         lidar_rng, mask_rng = (np.random.default_rng(q) for q in np.random.SeedSequence([seed, 1]).spawn(2))
-        mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else "grid"
+        mesh = scene.mesh if isinstance(getattr(scene, "mesh", None), Mesh) else None  # None: the grid surface
         if self.options["rig"] == "kitti":  # the benchmark's target: scaled hdl64, an HDL-64E-like sensor
-            pattern, sensor = kitti_pattern(rec.K), {"sensor": "realistic", "rgb": rec.rgb}
+            pattern, scan = kitti_pattern(rec.K), ScanSpec(mount="kitti", sensor="realistic")
         else:
-            pattern, sensor = "hdl64", {"noise_std_m": LIDAR_NOISE_STD_M, "dropout": LIDAR_DROPOUT}
-        rec.sparse, info = simulate_sparse_depth(
-            rec.true_depth, rec.K, lidar_rng, pattern=pattern, mount="kitti", mesh=mesh, **sensor)
+            pattern, scan = get_pattern("hdl64"), ScanSpec(mount="kitti", noise_std_m=LIDAR_NOISE_STD_M,
+                                                           dropout=LIDAR_DROPOUT)
+        rec.sparse, info = simulate_sparse_depth(rec.true_depth, rec.K, lidar_rng, scan, rgb=rec.rgb, pattern=pattern,
+                                                 surface=mesh)
         rec.sparse = np.asarray(rec.sparse, dtype=np.float32)
         rec.meta["rig"] = self.options["rig"]
         if self.options["gt"] == "dense":
@@ -166,7 +168,7 @@ only, default default)."""
         elif self.options["gt"] == "accumulated":
             if not isinstance(mesh, Mesh):
                 raise InputError(f"{rec.source_path}: gt=accumulated needs the scene's exact mesh")
-            mask = accumulated_gt(mesh, rec.true_depth, rec.K, get_pattern(pattern), mask_rng)
+            mask = accumulated_gt(mesh, rec.true_depth, rec.K, pattern, mask_rng)
             rec.gt = np.where(mask, rec.true_depth, 0).astype(np.float32)
             rows = np.flatnonzero(mask.any(axis=1))
             rec.meta.update(gt="accumulated", gt_top_row=int(rows[0]) if len(rows) else rec.true_depth.shape[0])

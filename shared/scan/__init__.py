@@ -2,8 +2,9 @@
 would give out. Both packages use it: datagen writes each shard's scan with it, and the trainer can draw a
 new scan in its loader from the same dense depth.
 
-    lidar.py        the mount, the casting (height-field walk or Open3D BVH) and the projection to pixels;
-                    `simulate_sparse_depth` is the one call
+    spec.py         ScanSpec: which scan (pattern, mount, surface, occlusion, sensor), parsed once from the
+                    command-line spellings; `simulate_sparse_depth(depth, K, rng, spec)` is the one call
+    lidar.py        the mount, the casting (height-field walk or Open3D BVH) and the projection to pixels
     patterns.py     which rays: spinning presets, Livox rosettes, line scans, pattern files
     sensor.py       the sensor's effects: range noise, dropouts, mixed returns
     heightfield.py  the grid surface of a depth map and its exact ray walk (numba)

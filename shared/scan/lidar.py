@@ -51,6 +51,7 @@ from shared.scan.sensor import (
     noise_sigma,
     rim_directions,
 )
+from shared.scan.spec import ScanSpec
 
 # ----------------------------------------------------------------------------------------------------
 # Mount
@@ -382,73 +383,69 @@ def project_scan(points_cam: np.ndarray, K: np.ndarray, width: int, height: int,
 # The one call the pipeline makes per image
 
 
-def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Generator, *,
-                          pattern: str | LidarPattern = "hdl64", mount: Mount | str | None = None,
-                          mesh: str | Mesh = "grid", occlusion: str = "none", noise_std_m: float | None = None,
-                          dropout: float | None = None, min_range_m: float = 0.5, max_range_m: float = 120.0,
-                          mesh_kwargs: dict | None = None, nthreads: int = 1, hidden: bool | None = None,
-                          sensor: str | dict | SensorModel | None = None, rgb: np.ndarray | None = None,
+def simulate_sparse_depth(depth_m: np.ndarray, K: np.ndarray, rng: np.random.Generator, spec: ScanSpec, *,
+                          rgb: np.ndarray | None = None, pattern: LidarPattern | None = None,
+                          mount: Mount | None = None, surface: Mesh | None = None, min_range_m: float = 0.5,
+                          max_range_m: float = 120.0, mesh_kwargs: dict | None = None, nthreads: int = 1,
                           caster: str = "heightfield") -> tuple[np.ndarray, dict]:
-    """Dense depth -> mesh -> scan -> sparse depth (H x W float32, 0 = none), and what was drawn.
+    """Dense depth -> surface -> scan -> sparse depth (H x W float32, 0 = none), and what was drawn.
 
-    pattern 'points:N' / 'keypoints:N' (keypoints of `rgb`) scans nothing: N pixels of depth_m, picked
+    spec (shared.scan.spec.ScanSpec) says which scan: pattern, mount, surface, occlusion, sensor. A pixel
+    protocol ('points:N' / 'keypoints:N', keypoints of `rgb`) scans nothing: N pixels of depth_m, picked
     by shared.sparsity.simulate, the code `trainer eval --sparsity` uses.
-
-    pattern: a preset name, 'random', 'custom:...' or a LidarPattern. mount: None (identity), 'random'
-    (sample_mount), 'kitti' (KITTI_MOUNT) or a Mount. mesh: 'grid', 'poisson' or a ready Mesh (e.g. the
-    synthetic world's exact geometry). occlusion='zbuffer' judges camera visibility by depth_m.
-    hidden: add the background hidden behind occluding edges (shared.scan.hidden) as a second grid layer;
-    None (default) = on when the mount is offset from the camera centre and mesh='grid' (it applies
-    to the grid mesh only). sensor: a SensorModel, preset name or spec (get_sensor); None = the
-    pattern's own (a pattern file's "sensor") or 'ideal'. noise_std_m and dropout, when given, replace
-    the sensor's. rgb: the camera image (the sensor's dark-surface dropout reads it).
+    rgb: the camera image (the sensor's dark-surface dropout and keypoints read it).
+    pattern, mount, surface: ready objects that replace the spec's spelling of the same thing, for callers
+    that build their own: a LidarPattern (e.g. the target rig's scaled hdl64), a Mount, a Mesh (e.g. the
+    synthetic world's exact geometry; the spec's mesh and hidden layer are then not used).
+    The grid surface gets the hidden layer (shared.scan.hidden) when spec.hidden is True, or when it is
+    None and the mount is offset from the camera centre. A spec whose sensor is None takes the pattern's
+    own (a pattern file may name one), else ideal.
     caster: 'heightfield' (the exact grid walk, fast) or 'open3d' (the same grid triangles in a BVH:
     the reference; with hidden off, byte-identical to the scans before the height-field caster).
     Draw order: pattern (if random), mount (if random), then the scan's own draws.
     """
     depth_m = np.asarray(depth_m, dtype=np.float32)
-    if sparsity.is_pixel_protocol(pattern):
-        return sparsity.simulate(pattern, depth_m, rng, rgb)
+    if spec.pixel_protocol:
+        return sparsity.simulate(spec.lidar, depth_m, rng, rgb)
     height, width = depth_m.shape
-    pat = get_pattern(pattern, rng)
-    if mount is None:
-        mnt = Mount()  # the LiDAR at the camera centre, axes aligned
-    elif isinstance(mount, Mount):
+    pat = pattern if pattern is not None else get_pattern(spec.lidar, rng)
+    if mount is not None:
         mnt = mount
-    elif mount == "random":
+    elif spec.mount == "random":
         mnt = sample_mount(rng)
-    elif mount == "kitti":
+    elif spec.mount == "kitti":
         mnt = KITTI_MOUNT
     else:
-        raise ValueError(f"mount must be None, a Mount, 'random' or 'kitti', got {mount!r}")
-    sens = _with_overrides(get_sensor(sensor if sensor is not None else pat.sensor), noise_std_m, dropout)
+        mnt = Mount()  # the LiDAR at the camera centre, axes aligned
+    sens = _with_overrides(get_sensor(spec.sensor if spec.sensor is not None else pat.sensor), spec.noise_std_m,
+                           spec.dropout)
     if caster not in ("heightfield", "open3d"):
         raise ValueError(f"caster must be 'heightfield' or 'open3d', got {caster!r}")
     mesh_kwargs = dict(mesh_kwargs or {})
     use_hidden = False
-    if isinstance(mesh, Mesh):
-        m, method = mesh, "given"
-    elif mesh == "grid":
-        method = mesh
-        use_hidden = bool(np.any(mnt.t_cam_from_lidar != 0)) if hidden is None else bool(hidden)
+    if surface is not None:
+        m, method = surface, "given"
+    elif spec.mesh == "grid":
+        method = spec.mesh
+        use_hidden = bool(np.any(mnt.t_cam_from_lidar != 0)) if spec.hidden is None else bool(spec.hidden)
         layer1 = (hidden_layer(depth_m, K, mnt.t_cam_from_lidar, max_rel_jump=mesh_kwargs.get("max_rel_jump", 0.1))
                   if use_hidden else None)
         m = grid_surface(depth_m, K, layer1, **mesh_kwargs)
         if caster == "open3d":
             m = m.to_mesh()
     else:
-        m, method = build_mesh(depth_m, K, mesh, **mesh_kwargs), mesh
-    if hidden and not use_hidden:
+        m, method = build_mesh(depth_m, K, spec.mesh, **mesh_kwargs), spec.mesh
+    if spec.hidden and not use_hidden:
         raise ValueError(f"hidden geometry applies to the grid mesh, not to mesh={method!r}")
     scan = simulate_scan(m, pat, mnt, K, width, height, rng, min_range_m=min_range_m, max_range_m=max_range_m,
                          nthreads=nthreads, sensor=sens, rgb=rgb)
-    sparse = project_scan(scan.points_cam, K, width, height, occlusion, depth_m=depth_m)
+    sparse = project_scan(scan.points_cam, K, width, height, spec.occlusion, depth_m=depth_m)
     n_px = int(np.count_nonzero(sparse))
     info = {"preset": pat.name, "rings": pat.n_rings, "azimuth_step_deg": float(pat.azimuth_step_deg),
             "pattern": pat.to_dict(), "pose": mnt.to_dict(), "noise_std_m": float(sens.noise_std_m),
             "dropout": float(sens.dropout), "min_range_m": float(min_range_m), "max_range_m": float(max_range_m),
             "mesh": method, "n_triangles": int(m.n_triangles), "n_rays": int(scan.n_rays),
             "n_hits": int(len(scan.range_m)), "n_points": n_px, "density": n_px / float(width * height),
-            "occlusion": occlusion, "hidden_geometry": use_hidden, "sensor": sens.to_dict(),
+            "occlusion": spec.occlusion, "hidden_geometry": use_hidden, "sensor": sens.to_dict(),
             "caster": caster if method == "grid" else "open3d"}
     return sparse, info

@@ -276,28 +276,51 @@ def test_cli(tmp_path):
 def test_hidden_geometry_and_sensor_are_recorded_and_fingerprinted(tmp_path):
     """--hidden-geometry/--no-hidden-geometry and --sensor reach the sample, its meta.json and job.json."""
     from datagen.job.pipeline import prepare
-    from datagen.job.settings import ConfigError
     from shared.scan.sensor import get_sensor
+    from shared.scan.spec import ScanSpec, ScanSpecError
 
     items = get_source("synthetic", None, count=1, width=96, height=64).items()
-    base = {**SYN, "mount": "kitti", "source_options": {"width": 96, "height": 64, "count": 1}}
+    base = {**SYN, "source_options": {"width": 96, "height": 64, "count": 1}}
     metas = {}
-    for name, extra in (("default", {}), ("off", {"hidden_geometry": False}), ("real", {"sensor": "realistic"})):
+    for name, extra in (("default", {}), ("off", {"hidden": False}), ("real", {"sensor": "realistic"})):
         out = tmp_path / name
         out.mkdir()
-        process_shard(RunConfig(**base, **extra), 0, items, None, OracleTeacher().info(), str(out))
+        process_shard(RunConfig(**base, scan=ScanSpec(mount="kitti", **extra)), 0, items, None, OracleTeacher().info(),
+                      str(out))
         metas[name] = next(iter_samples(str(out))).meta["lidar"]
     assert metas["default"]["hidden_geometry"] is True and metas["off"]["hidden_geometry"] is False  # kitti: on
     assert get_sensor(metas["default"]["sensor"]) == get_sensor("ideal")
     assert get_sensor(metas["real"]["sensor"]) == get_sensor("realistic")
     fp = prepare(RunConfig(**SYN, limit=1))[0].fingerprint()
     assert fp["hidden_geometry"] is None and fp["sensor"] == "ideal"
-    assert prepare(RunConfig(**SYN, limit=1, hidden_geometry=False))[0].fingerprint() != fp
-    assert prepare(RunConfig(**SYN, limit=1, sensor="realistic"))[0].fingerprint() != fp
-    with pytest.raises(ConfigError, match="sensor"):
-        prepare(RunConfig(**SYN, sensor="realistic:bogus=1"))
-    with pytest.raises(ConfigError, match="grid"):
-        prepare(RunConfig(**SYN, mesh="poisson", hidden_geometry=True))
+    assert prepare(RunConfig(**SYN, limit=1, scan=ScanSpec(hidden=False)))[0].fingerprint() != fp
+    assert prepare(RunConfig(**SYN, limit=1, scan=ScanSpec(sensor="realistic")))[0].fingerprint() != fp
+    with pytest.raises(ScanSpecError, match="sensor"):
+        ScanSpec(sensor="realistic:bogus=1")
+    with pytest.raises(ScanSpecError, match="grid"):
+        ScanSpec(mesh="poisson", hidden=True)
+    for bad in (["--sensor", "realistic:bogus=1"], ["--mesh", "poisson", "--hidden-geometry"], ["--lidar", "hdl6"],
+                ["--mount", "roof"]):  # refused before any work, with the option named
+        res = CliRunner().invoke(app, ["run", "--source", "synthetic", "--out", str(tmp_path / "bad"), *bad])
+        assert res.exit_code == 2 and bad[0] in res.output and not (tmp_path / "bad").exists(), res.output
+
+
+def test_a_pattern_files_own_sensor_reaches_the_shards(tmp_path):
+    """`datagen run --lidar mine.json` without --sensor simulates the sensor the pattern file names (as
+    docs/own_sensor.md says); it used to be replaced by --sensor's old default, ideal. --sensor still wins."""
+    from shared.scan.patterns import get_pattern, save_pattern
+    from shared.scan.sensor import get_sensor
+
+    pat = get_pattern("vlp16")
+    pat.sensor = get_sensor("realistic")
+    save_pattern(pat, tmp_path / "mine.json")
+    for name, extra, want in (("own", [], "realistic"), ("named", ["--sensor", "ideal"], "ideal")):
+        res = CliRunner().invoke(app, ["run", "--source", "synthetic", "--width", "96", "--height", "64", "--limit",
+                                       "1", "--out", str(tmp_path / name), "--lidar", str(tmp_path / "mine.json"),
+                                       "--progress", "none", *extra])
+        assert res.exit_code == 0, res.output
+        meta = next(iter_samples(str(tmp_path / name / "synthetic"))).meta
+        assert get_sensor(meta["lidar"]["sensor"]) == get_sensor(want)
 
 
 def test_shard_that_cannot_be_written_stops_the_job(tmp_path):

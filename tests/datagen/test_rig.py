@@ -9,6 +9,7 @@ from datagen.world.scenes import default_K, render_scene
 from shared.scan.lidar import KITTI_MOUNT, simulate_sparse_depth
 from shared.scan.mesh import Mesh
 from shared.scan.patterns import LIDAR_PRESETS, get_pattern
+from shared.scan.spec import ScanSpec
 
 
 def test_scaled_pattern_keeps_every_nth_ring_and_stretches_the_azimuth_step():
@@ -28,14 +29,14 @@ def test_the_scaled_rig_covers_the_frame_as_densely_as_a_full_kitti_frame():
     for w, h in ((384, 128), (1216, 352)):
         s = render_scene(4, "street", w, h)
         assert frame_scale(s.K) == pytest.approx(0.58 * w / 721.5377, rel=1e-3)
-        sparse, _ = simulate_sparse_depth(s.depth_m, s.K, np.random.default_rng(0), pattern=kitti_pattern(s.K),
-                                          mount="kitti", mesh=s.mesh)
+        sparse, _ = simulate_sparse_depth(s.depth_m, s.K, np.random.default_rng(0), ScanSpec(mount="kitti"),
+                                          pattern=kitti_pattern(s.K), surface=s.mesh)
         dens[w] = np.mean(sparse > 0)
     assert 0.03 < dens[384] < 0.08 and 0.03 < dens[1216] < 0.08
     assert dens[384] == pytest.approx(dens[1216], rel=0.25)
     s = render_scene(4, "street", 384, 128)
-    full, _ = simulate_sparse_depth(s.depth_m, s.K, np.random.default_rng(0), pattern="hdl64", mount="kitti",
-                                    mesh=s.mesh)
+    full, _ = simulate_sparse_depth(s.depth_m, s.K, np.random.default_rng(0), ScanSpec(lidar="hdl64", mount="kitti"),
+                                    surface=s.mesh)
     assert np.mean(full > 0) > 3 * dens[384]
 
 

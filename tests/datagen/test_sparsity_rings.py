@@ -13,6 +13,7 @@ from shared import sparsity as sp
 from shared.camera import project
 from shared.scan.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
 from shared.scan.patterns import LIDAR_PRESETS
+from shared.scan.spec import ScanSpec
 
 # KITTI 2011_09_26: rectified camera 2 from the Velodyne, in the project's LiDAR axes (x right, y down,
 # z forward), from calib_velo_to_cam.txt and R_rect_00 of calib_cam_to_cam.txt: turned ~0.6 deg in
@@ -89,7 +90,7 @@ def test_datagen_lidar_pixel_protocols_pick_pixels_of_the_pseudo_depth(spec):
     src = get_source("synthetic", None, count=1, width=160, height=96)
     record = src.load(src.items()[0])
     disparity = np.where(record.true_depth > 0, 1.0 / np.maximum(record.true_depth, 1e-6), 0).astype(np.float32)
-    cfg = RunConfig(lidar=spec, seed=7)
+    cfg = RunConfig(scan=ScanSpec(lidar=spec), seed=7)
     sample = make_sample(record, (disparity, {}), cfg, native_K=True, teacher_info={"model": "oracle"})
     n = int(spec.split(":")[1])
     assert sample.meta["lidar"]["preset"] == spec and sample.meta["lidar"]["n_points"] == np.count_nonzero(sample.sparse)

@@ -25,6 +25,7 @@ from datagen.teachers.runner import DepthTeacher, TeacherFeed, save_random_teach
 from datagen.teachers.tiny import ARCHS  # noqa: E402
 from datagen.teachers.zoo import TeacherOutputUnknown, output_kind  # noqa: E402
 from shared.depth import DEPTH_SCALE  # noqa: E402
+from shared.scan.spec import ScanSpec  # noqa: E402
 from shared.shard import ShardWriter, encode_sample, iter_samples, validate_shard  # noqa: E402
 
 # (kind, where it is decided, pre/post-processing family)
@@ -271,7 +272,7 @@ def test_each_architecture_into_a_shard(arch, teachers, images, tmp_path):
     a shard and read back: teacher.png holds the teacher's own map, depth.png honours the output kind."""
     teacher, kind = teachers[arch], EXPECTED[arch][0]
     info = teacher.info()
-    cfg = RunConfig(lidar="vlp16", mount="none")
+    cfg = RunConfig(scan=ScanSpec(lidar="vlp16", mount="none"))
     results = teacher.predict_with_info(images[:2])
     writer = ShardWriter(tmp_path / "t-000000.tar")
     expected = {}

@@ -66,7 +66,7 @@ def test_no_forbidden_import_statements(package, forbidden):
 
 def test_the_trainer_can_use_the_scan_without_datagen_or_open3d():
     """The trainer re-simulates scans in its loader with shared.scan: that must not pull in datagen or Open3D."""
-    loaded = modules_after("import trainer.cli\nimport shared.scan.lidar")
+    loaded = modules_after("import trainer.cli\nimport shared.scan.spec, shared.scan.lidar")
     leaked = loaded & {"ray", "open3d", "transformers", "datagen"}
     assert not leaked, f"shared.scan imported {sorted(leaked)}"
 

@@ -11,6 +11,7 @@ from shared.scan.fit import FLU_FROM_RDF, fit_pattern, read_intrinsics, read_pos
 from shared.scan.lidar import Mount, simulate_sparse_depth
 from shared.scan.mesh import Mesh
 from shared.scan.patterns import LIDAR_PRESETS, get_pattern
+from shared.scan.spec import ScanSpec
 
 FX = 721.5  # KITTI's focal length: elevations quantised to +-0.04 deg by the pixel grid
 
@@ -39,8 +40,8 @@ def _scans(preset, mount, n=3):
     room = _room()
     maps = []
     for seed in range(n):
-        s, _ = simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(seed), pattern=preset,
-                                     mount=mount, mesh=room)
+        s, _ = simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(seed),
+                                     ScanSpec(lidar=preset), mount=mount, surface=room)
         maps.append(np.round(s * 256) / 256)  # what a uint16 PNG keeps
     return maps, K
 
@@ -76,8 +77,8 @@ def test_fit_counts_only_the_rings_the_camera_sees():
     # KITTI-like view (about +7 .. -17 deg at the image centre column): hdl64's rings below are unseen.
     W, H = 400, 352
     K = make_K(FX, FX, (W - 1) / 2.0, 90.0)
-    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s), pattern="hdl64",
-                                  mesh=_room())[0] for s in range(2)]
+    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s),
+                                  ScanSpec(lidar="hdl64", mount="none"), surface=_room())[0] for s in range(2)]
     pat, rep = fit_pattern(maps, K)
     el = LIDAR_PRESETS["hdl64"].elevations_deg
     lo = np.degrees(np.arctan2(-(H - 0.5 - K[1, 2]), FX))   # the bottom edge at the centre column
@@ -89,8 +90,8 @@ def test_fit_counts_only_the_rings_the_camera_sees():
 
 def test_non_spinning_scans_fall_back_to_a_density(tmp_path):
     K, W, H = make_K(300.0, 300.0, 199.5, 149.5), 400, 300
-    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s), pattern="livox:t=0.05",
-                                  mesh=_room())[0] for s in range(2)]
+    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s),
+                                  ScanSpec(lidar="livox:t=0.05", mount="none"), surface=_room())[0] for s in range(2)]
     pat, rep = fit_pattern(maps, K)
     assert rep["mode"] == "density" and not pat.spinning
     assert len(pat.directions) == round(np.mean([np.count_nonzero(m) for m in maps]))
@@ -105,8 +106,8 @@ def test_unknown_pose_with_a_real_offset_degrades():
     # A 0.5 m vertical offset (say, a roof rig) and close walls: measured from the camera, rings smear.
     mount = Mount(np.eye(3), [0.0, -0.5, 0.0])
     K, W, H = _tall_camera(10.0, 30.0)  # from the camera 0.5 m lower, the top rings appear higher
-    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s), pattern="hdl64",
-                                  mount=mount, mesh=_room((-6, -4, -6), (6, 2, 8)))[0] for s in range(2)]
+    maps = [simulate_sparse_depth(np.zeros((H, W), np.float32), K, np.random.default_rng(s), ScanSpec(lidar="hdl64"),
+                                  mount=mount, surface=_room((-6, -4, -6), (6, 2, 8)))[0] for s in range(2)]
     good, _ = fit_pattern(maps, K, _T(mount))
     assert good.n_rings == 64
     bad, rep = fit_pattern(maps, K, None)

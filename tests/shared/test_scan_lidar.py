@@ -12,6 +12,7 @@ from shared.scan.lidar import (
 )
 from shared.scan.mesh import Mesh, grid_mesh, poisson_mesh
 from shared.scan.patterns import LIDAR_PRESETS, LidarPattern, get_pattern
+from shared.scan.spec import ScanSpec
 
 W, H = 160, 120
 K = make_K(100.0, 100.0, 79.5, 59.5)       # +-39 deg horizontally, +-31 vertically
@@ -107,7 +108,7 @@ def test_mount_sampling():
 @pytest.mark.parametrize("preset", ["hdl64", "vlp16"])
 def test_fronto_parallel_plane_exact(preset):
     depth = np.full((H, W), 7.25, np.float32)
-    sparse, info = simulate_sparse_depth(depth, K, np.random.default_rng(0), pattern=preset)
+    sparse, info = simulate_sparse_depth(depth, K, np.random.default_rng(0), ScanSpec(lidar=preset, mount="none"))
     vals = sparse[sparse > 0]
     assert len(vals) > 300
     np.testing.assert_allclose(vals, 7.25, atol=1e-3)
@@ -297,7 +298,7 @@ def test_hdl64_density_on_kitti_like_street_scenes():
     dens = []
     for seed in (0, 1):
         s = render_scene(seed, "street", 1216, 352, Kk)
-        _, info = simulate_sparse_depth(s.depth_m, Kk, np.random.default_rng(seed), pattern="hdl64",
+        _, info = simulate_sparse_depth(s.depth_m, Kk, np.random.default_rng(seed), ScanSpec(lidar="hdl64"),
                                         mount=KITTI_MOUNT)
         dens.append(info["density"])
     print("hdl64 KITTI-like density:", np.round(dens, 4))
@@ -307,9 +308,10 @@ def test_hdl64_density_on_kitti_like_street_scenes():
 def test_poisson_and_grid_agree_on_a_smooth_scene():
     v, u = np.mgrid[0:H, 0:W].astype(np.float64)
     depth = (_plane_depth([0.1, -0.15, 1.0], 8.0) * (1 + 0.05 * np.sin(u / 25.0) * np.cos(v / 30.0))).astype(np.float32)
-    rng_args = dict(pattern="hdl64", mount=Mount(np.eye(3), [0, -0.1, 0]))
-    g, _ = simulate_sparse_depth(depth, K, np.random.default_rng(0), mesh="grid", **rng_args)
-    p, _ = simulate_sparse_depth(depth, K, np.random.default_rng(0), mesh=poisson_mesh(depth, K, depth=8), **rng_args)
+    spec, mount = ScanSpec(lidar="hdl64"), Mount(np.eye(3), [0, -0.1, 0])
+    g, _ = simulate_sparse_depth(depth, K, np.random.default_rng(0), spec, mount=mount)
+    p, _ = simulate_sparse_depth(depth, K, np.random.default_rng(0), spec, mount=mount,
+                                 surface=poisson_mesh(depth, K, depth=8))
     both = (g > 0) & (p > 0)
     assert both.sum() > 0.8 * (g > 0).sum()
     rel = np.abs(p[both] - g[both]) / g[both]
@@ -332,10 +334,10 @@ def test_noise_and_dropout_statistics():
 
 def test_same_seed_same_bytes():
     depth = _plane_depth([0.1, -0.3, 1.0], 5.0).astype(np.float32)
-    kw = dict(pattern="random", mount="random", noise_std_m=0.02, dropout=0.1)
-    a, ia = simulate_sparse_depth(depth, K, np.random.default_rng(9), **kw)
-    b, ib = simulate_sparse_depth(depth, K, np.random.default_rng(9), **kw)
-    c, _ = simulate_sparse_depth(depth, K, np.random.default_rng(10), **kw)
+    spec = ScanSpec(lidar="random", mount="random", noise_std_m=0.02, dropout=0.1)
+    a, ia = simulate_sparse_depth(depth, K, np.random.default_rng(9), spec)
+    b, ib = simulate_sparse_depth(depth, K, np.random.default_rng(9), spec)
+    c, _ = simulate_sparse_depth(depth, K, np.random.default_rng(10), spec)
     assert a.tobytes() == b.tobytes() and ia == ib
     assert a.tobytes() != c.tobytes()
     assert ia["n_points"] == int((a > 0).sum()) and ia["rings"] == len(ia["pattern"]["elevations_deg"])

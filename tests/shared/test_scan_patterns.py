@@ -15,6 +15,7 @@ from shared.scan.patterns import (
     load_pattern,
     save_pattern,
 )
+from shared.scan.spec import ScanSpec
 
 
 def _az_el(d):
@@ -149,7 +150,8 @@ def test_new_patterns_through_simulate_sparse_depth(tmp_path, spec, fov):
         spec = str(tmp_path / "dens.json")
         save_pattern(_density(), spec)
     s = render_scene(1, "street", W, H, K)
-    sparse, info = simulate_sparse_depth(s.depth_m, K, np.random.default_rng(0), pattern=spec, mesh=s.mesh)
+    sparse, info = simulate_sparse_depth(s.depth_m, K, np.random.default_rng(0), ScanSpec(lidar=spec, mount="none"),
+                                         surface=s.mesh)
     assert sparse.shape == (H, W) and sparse.dtype == np.float32 and np.isfinite(sparse).all()
     assert info["n_points"] > 100 and (sparse >= 0).all()
     # every point back-projects (through its pixel centre) into the pattern's field, up to half a pixel

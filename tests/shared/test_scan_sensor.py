@@ -11,6 +11,7 @@ from shared.scan.heightfield import grid_surface
 from shared.scan.lidar import Mount, simulate_scan, simulate_sparse_depth
 from shared.scan.patterns import LIDAR_PRESETS, get_pattern, load_pattern, save_pattern
 from shared.scan.sensor import SENSOR_PRESETS, SensorModel, get_sensor
+from shared.scan.spec import ScanSpec
 
 W, H = 160, 120
 K = make_K(60.0, 60.0, 79.5, 59.5)  # wide: +-53 / +-45 deg
@@ -164,7 +165,9 @@ def test_presets_round_trip_through_pattern_and_meta_json(tmp_path):
     assert get_sensor(str(tmp_path / "s.json")) == real
     depth = np.full((H, W), 8.0, np.float32)
     rgb = np.full((H, W, 3), 90, np.uint8)
-    _, info = simulate_sparse_depth(depth, K, np.random.default_rng(0), pattern=str(tmp_path / "mine.json"), rgb=rgb)
+    _, info = simulate_sparse_depth(depth, K, np.random.default_rng(0),
+                                    ScanSpec(lidar=str(tmp_path / "mine.json"), mount="none"), rgb=rgb)
     assert get_sensor(json.loads(json.dumps(info))["sensor"]) == over  # the pattern's own sensor
-    _, info = simulate_sparse_depth(depth, K, np.random.default_rng(0), sensor="realistic", rgb=rgb, mount="kitti")
+    _, info = simulate_sparse_depth(depth, K, np.random.default_rng(0), ScanSpec(sensor="realistic", mount="kitti"),
+                                    rgb=rgb)
     assert get_sensor(info["sensor"]) == real and info["hidden_geometry"] is True
