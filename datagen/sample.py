@@ -3,15 +3,16 @@
 `make_sample` is the whole path of one image, top to bottom. Labelled records (KITTI, NYU, the synthetic
 world's labelled mode) keep their own scan, ground truth and K and only gain the teacher's map.
 
-Every random draw of a sample comes from a seed made of (--seed, key), one stream per step, so the bytes
-of a sample depend neither on scheduling, nor on the number of workers, nor on resumption, and another
-LiDAR preset does not change the sampled K. A step that fails raises StageError naming the step: the
+Every random draw of a sample comes from a seed made of (--seed, key), one stream per step (shared.seeds),
+so the bytes of a sample depend neither on scheduling, nor on the number of workers, nor on resumption, and
+another LiDAR preset does not change the sampled K. The scan is cast from what the shard stores (the depth
+at its PNG precision, the image as a reader decodes it) with the spec recorded in meta.json, so it can be
+cast again from the shard alone: the trainer's `--lidar` does, with a new seed every epoch. A step that fails raises StageError naming the step: the
 shard task turns it into a row of failures.parquet and goes on with the next input.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,7 +25,10 @@ from datagen.job.settings import RunConfig
 from datagen.pseudo_depth import teacher_to_depth
 from datagen.teachers.runner import OracleTeacher
 from shared.camera import scale_K
+from shared.depth import as_stored_depth, as_stored_rgb
 from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.sensor import get_sensor
+from shared.seeds import sample_rngs, sample_seed
 from shared.shard import Sample
 
 SCENE_OF_FAMILY = {"street": "outdoor", "room": "indoor", "nature": "outdoor", "tabletop": "indoor"}  # synthetic
@@ -50,16 +54,11 @@ def stage(name: str) -> Iterator[None]:
         raise StageError(name, exc) from exc
 
 
-def sample_seed(seed: int, key: str) -> int:
-    """A 63-bit seed from (--seed, key): the same whatever the order, worker or run."""
-    digest = hashlib.sha256(f"dmd3c/{seed}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def sample_rngs(seed: int) -> dict[str, np.random.Generator]:
-    # one stream per step, so that e.g. another LiDAR preset does not change the sampled K
-    children = np.random.SeedSequence(seed).spawn(4)
-    return dict(zip(("teacher", "depth", "intrinsics", "lidar"), map(np.random.default_rng, children), strict=True))
+def reads_image(spec) -> bool:
+    """Whether the scan looks at the camera image (keypoints; a sensor's dark-surface dropout; a pattern
+    file's own sensor, which may), so that it must see the image as the shard stores it."""
+    return (spec.lidar.strip().lower().startswith("keypoints:") or spec.sensor is None
+            or get_sensor(spec.sensor).needs_brightness)
 
 
 def is_labelled(record) -> bool:
@@ -140,7 +139,9 @@ def make_sample(record, teacher: tuple[np.ndarray, dict] | StageError | None, cf
         with stage("intrinsics"):
             K, meta["intrinsics"] = sample_intrinsics(w, h, rngs["intrinsics"]), "random"
     with stage("lidar"):
-        sparse, lidar_info = simulate_sparse_depth(depth_m, K, rngs["lidar"], cfg.scan, rgb=record.rgb)
+        rgb = as_stored_rgb(record.rgb, cfg.rgb_format) if reads_image(cfg.scan) else record.rgb
+        sparse, lidar_info = simulate_sparse_depth(as_stored_depth(depth_m), K, rngs["lidar"], cfg.scan, rgb=rgb)
     meta["depth_range"] = depth_info
-    meta["lidar"] = {**lidar_info, "preset": lidar_info.get("preset", cfg.scan.lidar), "seed": seed}
+    meta["lidar"] = {**lidar_info, "preset": lidar_info.get("preset", cfg.scan.lidar), "seed": seed,
+                     "spec": cfg.scan.to_dict()}
     return Sample(record.key, record.rgb, K, teacher=teacher_map, depth=depth_m, sparse=sparse, meta=meta)

@@ -117,10 +117,25 @@ def encode_depth_png(depth_m: np.ndarray) -> bytes:
         raise CodecError(f"depth map has negative values (min {lo:.3f} m)")
     if hi > MAX_DEPTH_M:
         raise CodecError(f"depth {hi:.3f} m exceeds the depth PNG range 0..{MAX_DEPTH_M:.3f} m")
+    return _uint16_png(_depth_codes(d))
+
+
+def _depth_codes(d: np.ndarray) -> np.ndarray:
     # x 256 is exact in float32 as in float64, so the codes do not depend on the input's precision;
     # a positive depth that rounds to 0 gets code 1
-    q = np.maximum(np.rint(d * DEPTH_SCALE), d > 0)
-    return _uint16_png(q.astype(np.uint16))
+    return np.maximum(np.rint(d * DEPTH_SCALE), d > 0).astype(np.uint16)
+
+
+def as_stored_depth(depth_m: np.ndarray) -> np.ndarray:
+    """The depth map exactly as a depth PNG gives it back (float32 metres): what a reader of the shard sees.
+    Same checks as encode_depth_png, without the PNG."""
+    d = np.asarray(depth_m)
+    if d.dtype not in (np.float32, np.float64):
+        d = d.astype(np.float64)
+    lo, hi = (d.min(), d.max()) if d.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > MAX_DEPTH_M:
+        encode_depth_png(d)  # raises the codec's own error
+    return _depth_codes(d).astype(np.float32) / np.float32(DEPTH_SCALE)
 
 
 def decode_depth_png(data: bytes, what: str = "depth.png") -> np.ndarray:
@@ -183,6 +198,11 @@ def encode_rgb(rgb: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
     else:
         raise CodecError(f"rgb format must be 'jpg' or 'png', got {fmt!r}")
     return buf.getvalue()
+
+
+def as_stored_rgb(rgb: np.ndarray, fmt: str = "jpg", quality: int = 95) -> np.ndarray:
+    """The image exactly as a reader of the shard decodes it: through JPEG for fmt jpg, itself for png."""
+    return decode_rgb(encode_rgb(rgb, fmt, quality)) if fmt in ("jpg", "jpeg") else np.asarray(rgb)
 
 
 def decode_rgb(data: bytes, what: str = "rgb") -> np.ndarray:

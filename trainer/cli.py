@@ -75,6 +75,16 @@ def _train_command(stage: str):
         fit: str = typer.Option(None, help="finetune: lsq (default, closed-form scale and shift) or l1 "
                                 "(the L1-optimal scale and shift: robust to outliers)"),
         threads: int = typer.Option(None, help="torch CPU threads"),
+        lidar: str = typer.Option(None, help="pretrain: cast a new scan of every frame each epoch from its dense "
+                                  "pseudo depth, as datagen run --lidar spells it (hdl64, vlp16, random, livox:..., "
+                                  "lines:..., points:N, mine.json), or shard: each sample's own settings. Default: "
+                                  "the shards' stored scans"),
+        mount: str = typer.Option(None, help="with --lidar: random (default), kitti or none"),
+        sensor: str = typer.Option(None, help="with --lidar: ideal, realistic, PRESET:key=value or a .json "
+                                   "(default: a pattern file's own, else ideal)"),
+        hidden_geometry: bool = typer.Option(None, "--hidden-geometry/--no-hidden-geometry",
+                                             help="with --lidar: the background behind occluding edges (default: "
+                                             "on for an offset mount)"),
         json_path: str = typer.Option(None, "--json", help="write the run summary here", callback=_local),
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
         quiet: bool = typer.Option(False, help="no progress bar"),
@@ -87,12 +97,18 @@ def _train_command(stage: str):
                  "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
-                 "fit": fit, "threads": threads,
+                 "fit": fit, "threads": threads, "lidar": lidar, "mount": mount, "sensor": sensor,
+                 "hidden_geometry": hidden_geometry,
                  "json": json_path, "convention": convention}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
-        from trainer.train import train
+        from trainer.train import train, validate
 
+        try:
+            validate(cfg)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
         summary = train(cfg)
         if int(os.environ.get("RANK", 0)) == 0:
             typer.echo(json.dumps({k: summary[k] for k in ("stage", "model", "steps", "first_loss", "final_loss",

@@ -6,7 +6,14 @@ One pipeline per DataLoader worker, built from small stages that read top to bot
     -> this worker's share (by shard, or by sample when there are too few shards)
     -> raw tar samples (webdataset) -> shuffle buffer (seeded) -> skip what a resumed run consumed
     -> decode (shared.shard.decode_sample; corrupt samples skipped, counted, logged)
-    -> crop / pad to the network frame (K follows) -> flip -> photometric jitter -> batch
+    -> crop / pad to the network frame (K follows) -> flip -> [a new scan, --lidar] -> photometric jitter
+    -> batch
+
+A new scan (DataConfig.rescan, `trainer pretrain --lidar`): the sparse input of each training frame is cast
+again from the frame's dense pseudo depth and K, after the crop and flip are decided, with the code datagen
+wrote the shard's own scan with (shared.scan) and a generator seeded by (seed, epoch, key): every epoch
+sees a new scan of each image, and a resumed run the same ones. Only samples with depth.png (unlabelled
+shards) can be scanned again; labelled shards keep their real scans.
 
 Splitting, so that each sample is seen exactly once per pass under DDP: the N shards of an epoch are
 dealt round-robin to S = world_size x num_workers slots (slot = rank x num_workers + worker), as
@@ -43,6 +50,8 @@ Batch (a dict; maps are B x 1 x H x W float32 with 0 = no value):
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import zlib
@@ -54,6 +63,8 @@ import torch
 from PIL import Image
 
 from shared.camera import crop_K, flip_K
+from shared.scan.lidar import simulate_sparse_depth
+from shared.scan.spec import ScanSpec
 from shared.shard import (
     ReadStats,
     Sample,
@@ -87,6 +98,8 @@ class DataConfig:
     max_epochs: int | None = None  # None: endless for training; eval always makes one pass
     strict: bool = False  # raise on the first corrupt sample instead of skipping it
     sparsity: Protocol | str | None = None  # eval only: a protocol of shared.sparsity applied to each frame's input
+    # train only: cast each frame's scan again (a ScanSpec, or "shard": each sample's own spec from its meta.json)
+    rescan: ScanSpec | str | None = None
 
 
 def parse_hw(text: str | tuple | list | None) -> tuple[int, int] | str | None:
@@ -201,16 +214,48 @@ def jitter_rgb(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np
 
 
 def train_frame(sample: Sample, crop_hw: tuple[int, int], rng: np.random.Generator, flip: bool,
-                jitter: float) -> dict:
-    """Random crop (or pad) to crop_hw, random horizontal flip, photometric jitter."""
+                jitter: float, scan=None) -> dict:
+    """Random crop (or pad) to crop_hw, random horizontal flip, photometric jitter. scan(frame) -> sparse,
+    when given, replaces the sparse input after the crop and flip (it sees the frame's own K and the image
+    before the jitter, which is the camera's, not the sensor's)."""
     ch, cw = crop_hw
     top = int(rng.integers(0, max(sample.height - ch, 0) + 1))
     left = int(rng.integers(0, max(sample.width - cw, 0) + 1))
     frame = frame_sample(sample, crop_hw, top, left)
     if flip and rng.random() < 0.5:
         frame = hflip(frame)
+    if scan is not None:
+        frame["sparse"], frame["has_sparse"] = scan(frame), True
     frame["rgb"] = jitter_rgb(frame["rgb"], jitter, rng)
     return frame
+
+
+def rescan_frame(frame: dict, spec: ScanSpec, rng: np.random.Generator) -> np.ndarray:
+    """A new scan of a frame: its dense pseudo depth and K through shared.scan, as datagen scans a sample
+    (float32 H x W, metres, 0 = no point). On a whole, unflipped frame with the sample's own spec and the
+    generator of its meta.json seed, this is the shard's own scan, byte for byte."""
+    sparse, _ = simulate_sparse_depth(frame["depth"], frame["K"], rng, spec, rgb=frame["rgb"])
+    return sparse
+
+
+def scan_spec_of(sample: Sample, rescan: ScanSpec | str) -> ScanSpec:
+    """The spec a sample is scanned again with; refuses a sample that cannot be (no dense pseudo depth)."""
+    if sample.depth is None:
+        raise ValueError(f"{sample.key}: --lidar casts the scan again from the dense pseudo depth (depth.png), "
+                         "and this sample has none: labelled shards (kitti, nyu, synthetic --labelled) keep their "
+                         "real scans; train on them without --lidar")
+    if not isinstance(rescan, str):
+        return rescan
+    spec = ((sample.meta or {}).get("lidar") or {}).get("spec")
+    if spec is None:
+        raise ValueError(f"{sample.key}: --lidar shard uses each sample's own scan settings (meta.json lidar.spec), "
+                         "which shards made before they were recorded lack; name the scan, e.g. --lidar random")
+    return _spec_from_dict(json.dumps(spec, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_from_dict(text: str) -> ScanSpec:
+    return ScanSpec.from_dict(json.loads(text))
 
 
 def bpnet_nyu_frame(sample: Sample) -> dict:
@@ -336,6 +381,16 @@ def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iter
         yield buf[j]
 
 
+def warm_up_scan() -> None:
+    """Compile the casters (numba) once here, so that DataLoader workers forked afterwards inherit them
+    instead of each compiling its own on its first sample."""
+    from shared.camera import make_K
+
+    frame = {"depth": np.full((32, 32), 5.0, np.float32), "K": make_K(30.0, 30.0, 15.5, 15.5),
+             "rgb": np.zeros((32, 32, 3), np.uint8)}
+    rescan_frame(frame, ScanSpec(mount="kitti"), np.random.default_rng(0))  # an offset mount: the hidden layer too
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches from shards for one process (one DDP rank); see the module docstring.
 
@@ -367,6 +422,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if cfg.train and (cfg.crop_hw is None or isinstance(cfg.crop_hw, str)):
             raise ValueError("training needs a crop size (HxW, multiples of 32): frames must stack into batches"
                              + (f"; {cfg.crop_hw!r} is an evaluation frame" if cfg.crop_hw else ""))
+        if cfg.rescan is not None:
+            if not cfg.train:
+                raise ValueError("a new scan per epoch (--lidar) is for training; eval thins the input with --sparsity")
+            warm_up_scan()
 
     def _local_slot(self) -> int:
         """Which of this rank's slots this worker plays: rotated so that round-robin polling resumes in order."""
@@ -434,7 +493,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         for epoch, pos, sample in self._samples(local):
             if self.cfg.train:
                 rng = _rng(self.cfg.seed, epoch, _key_hash(sample.key), 2)
-                frames.append(train_frame(sample, self.cfg.crop_hw, rng, self.cfg.flip, self.cfg.jitter))
+                scan = None
+                if self.cfg.rescan is not None:  # its own stream: the crops and flips stay those without it
+                    spec, scan_rng = scan_spec_of(sample, self.cfg.rescan), _rng(self.cfg.seed, epoch,
+                                                                                 _key_hash(sample.key), 3)
+
+                    def scan(frame, spec=spec, scan_rng=scan_rng):
+                        return rescan_frame(frame, spec, scan_rng)
+                frames.append(train_frame(sample, self.cfg.crop_hw, rng, self.cfg.flip, self.cfg.jitter, scan))
             else:
                 frames.append(sparsify(eval_frame(sample, self.cfg.crop_hw), sample, self.cfg.sparsity))
             keys.append(sample.key)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from shared.fsutil import write_json
+from shared.scan.spec import ScanSpec
 from trainer import checkpoint as ckpt
 from trainer.data import DataConfig, DataPosition, make_loader, parse_hw
 from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
@@ -71,6 +72,12 @@ class TrainConfig:
     flip: bool = True
     jitter: float = 0.2
     seed: int = 0
+    # pretrain: a new scan of every frame each epoch, from its dense pseudo depth (the datagen spellings;
+    # None: the shards' stored scans). "shard": each sample's own settings (meta.json lidar.spec).
+    lidar: str | None = None
+    mount: str | None = None  # with --lidar: random (default), kitti or none
+    sensor: str | None = None  # with --lidar: ideal, realistic, ... (default: a pattern file's own, else ideal)
+    hidden_geometry: bool | None = None  # with --lidar: None = on for an offset mount
     # fine-tuning loss (trainer.losses.DistillLossConfig)
     lambda_ssi: float = 1.0
     lambda_reg: float = 0.5
@@ -125,15 +132,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) of this process: checks the settings that must fail before any work (stage,
-    crop, fine-tuning loss, batch split), initialises the process group under torchrun, picks the device and
-    the CPU threads."""
+def validate(cfg: TrainConfig) -> None:
+    """Raise ValueError for settings that describe no run (stage, crop, fine-tuning loss, new scans)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.stage == "finetune":
         distill_config(cfg)  # raises on a bad --space/--penalty/--fit
     parse_hw(cfg.crop)
+    rescan_spec(cfg)  # raises on a bad --lidar/--mount/--sensor
+
+
+def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process: checks the settings that must fail before any work (stage,
+    crop, fine-tuning loss, batch split), initialises the process group under torchrun, picks the device and
+    the CPU threads."""
+    validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -175,11 +188,31 @@ def build_initial_model(cfg: TrainConfig, resume_from: Path | None = None):
     return build_model(name), name, resolve_convention(cfg.convention, None, "a new network")
 
 
+def rescan_spec(cfg: TrainConfig) -> ScanSpec | str | None:
+    """The scan the loader casts anew every epoch (--lidar and its companions), or None: the stored scans."""
+    extra = {k: v for k, v in (("--mount", cfg.mount), ("--sensor", cfg.sensor),
+                               ("--hidden-geometry", cfg.hidden_geometry)) if v is not None}
+    if cfg.lidar is None:
+        if extra:
+            raise ValueError(f"{', '.join(extra)} describe the new scan of --lidar; without --lidar the shards' "
+                             "stored scans are used")
+        return None
+    if cfg.stage != "pretrain":
+        raise ValueError("--lidar casts new scans from the dense pseudo depth of unlabelled shards: it is for "
+                         "pretrain; fine-tuning uses the labelled shards' real scans")
+    if cfg.lidar == "shard":
+        if extra:
+            raise ValueError(f"--lidar shard takes each sample's own scan settings; drop {', '.join(extra)}")
+        return "shard"
+    return ScanSpec.from_cli(lidar=cfg.lidar, mount=cfg.mount or "random", hidden_geometry=cfg.hidden_geometry,
+                             sensor=cfg.sensor)
+
+
 def train_data_config(cfg: TrainConfig, world: int) -> DataConfig:
-    """This process's part of the global batch, with the run's crop, augmentation and seed."""
+    """This process's part of the global batch, with the run's crop, augmentation, new scans and seed."""
     return DataConfig(shards=cfg.shards, batch_size=cfg.batch_size // world, crop_hw=parse_hw(cfg.crop),
                       train=True, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, jitter=cfg.jitter,
-                      workers=cfg.workers, seed=cfg.seed)
+                      workers=cfg.workers, seed=cfg.seed, rescan=rescan_spec(cfg))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

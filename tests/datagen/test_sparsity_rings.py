@@ -11,6 +11,7 @@ from datagen.sources.kitti import velodyne_pose
 from datagen.world.scenes import render_scene
 from shared import sparsity as sp
 from shared.camera import project
+from shared.depth import as_stored_depth, as_stored_rgb
 from shared.scan.lidar import KITTI_MOUNT, Mount, project_scan, simulate_scan
 from shared.scan.patterns import LIDAR_PRESETS
 from shared.scan.spec import ScanSpec
@@ -95,11 +96,12 @@ def test_datagen_lidar_pixel_protocols_pick_pixels_of_the_pseudo_depth(spec):
     n = int(spec.split(":")[1])
     assert sample.meta["lidar"]["preset"] == spec and sample.meta["lidar"]["n_points"] == np.count_nonzero(sample.sparse)
     has = sample.sparse > 0
-    assert np.array_equal(sample.sparse[has], sample.depth[has])  # values of the pseudo depth, where it has them
+    stored = as_stored_depth(sample.depth)  # the scan is cast from the depth as the shard stores it
+    assert np.array_equal(sample.sparse[has], stored[has])  # values of the pseudo depth, where it has them
     if spec.startswith("points"):
         assert has.sum() == n
         again = make_sample(record, (disparity, {}), cfg, native_K=True, teacher_info={"model": "oracle"})
         assert np.array_equal(again.sparse, sample.sparse)  # seeded per sample
-    else:  # the very keypoints eval's keypoints:N takes, found in the sample's own image
+    else:  # the very keypoints eval's keypoints:N takes, found in the sample's own image as the shard stores it
         assert 0 < has.sum() <= n
-        assert np.array_equal(sample.sparse, sp.keypoints(record.rgb, sample.depth, n))
+        assert np.array_equal(sample.sparse, sp.keypoints(as_stored_rgb(record.rgb, "jpg"), stored, n))
