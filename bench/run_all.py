@@ -17,6 +17,8 @@ Markdown table per area, every measurement beside its naive reference from the s
     teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one); the teacher
                    actor's CPU per image outside the forward pass, before / after the pre-processing moved out
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
+    rescan         one loader worker with a new scan per frame (trainer pretrain --lidar) vs the stored scans,
+                   against a training step's consumption; the caster on rough vs smooth surfaces
     training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
                    bpnet-s; the 90M-parameter bpnet with --full)
     ops            4-NN bucketed and KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
@@ -48,6 +50,7 @@ SCRIPTS = {
     "datagen": ("datagen.py", [], 360),
     "teacher": ("teacher.py", [], 180),
     "train": ("train.py", [], 420),
+    "rescan": ("rescan.py", [], 420),
     "ops": ("ops.py", [], 240),
     "calibration": ("teacher_calibration.py", [], 300),
 }
@@ -171,6 +174,23 @@ def md_loader(d: dict) -> str:
             + f"\n\ndecode + crop + flip + jitter + collate, crop {hw}, batch 4, PNG members.")
 
 
+def md_rescan(d: dict) -> str:
+    scans = list(next(iter(d["loader_samples_per_s"].values())))
+    rows = [[frame] + [fmt(r, 1) + ("" if s == "stored" else f" ({ratio(r / rates['stored'])})") for s, r in rates.items()]
+            for frame, rates in d["loader_samples_per_s"].items()]
+    g = d["gpu_estimate"]
+    steps = "; ".join(f"{k}: {fmt(v, 1)}" for k, v in d["step_samples_per_s"].items())
+    cast = "; ".join(f"{k}: {fmt(v, 1)} ms" for k, v in d["caster_ms_640x480"].items())
+    return (table([f"frame (batch {d['batch']})", *scans], rows)
+            + f"\n\nSamples/s of one loader worker (in brackets: vs the stored scans). What a CPU training step "
+              f"consumes, samples/s: {steps}. A GPU (an estimate: a bpnet step is "
+              f"{fmt(g['bpnet_step_tflop_per_sample_256x1216'])} TFLOP per 256x1216 sample, run at "
+              f"{fmt(g['assumed_effective_tflops'], 0)} effective TFLOP/s: {fmt(g['bpnet_samples_per_s_per_gpu'], 1)} "
+              f"samples/s) needs {fmt(g['workers_per_gpu_stored'], 1)} workers with the stored scans, "
+              + ", ".join(f"{fmt(v, 1)} with {k}" for k, v in g["workers_per_gpu_new_scan"].items())
+              + f". The scan of a 640x480 map: {cast} (rough / smooth {ratio(d['rough_over_smooth'])}).")
+
+
 def md_training(d: dict) -> str:
     tiny = next((r for r in d["models"] if r["model"] == "tiny"), None)
     rows = [[r["model"], fmt(r["params_m"]), r["batch"], r["hw"], fmt(r["s_per_step"], 3), fmt(r["samples_per_s"]),
@@ -214,7 +234,8 @@ def write_markdown(results: dict, path: Path) -> None:
                 ("Data generation", "datagen", md_datagen),
                 ("Teacher (CPU)", "teacher", lambda d: md_teacher(d, "cpu")),
                 ("Teacher (GPU)", "teacher_cuda", lambda d: md_teacher(d, "cuda")),
-                ("Shard loader", "train", md_loader), ("Training step", "train", md_training),
+                ("Shard loader", "train", md_loader), ("A new scan per frame (loader)", "rescan", md_rescan),
+                ("Training step", "train", md_training),
                 ("Training step (GPU)", "train_cuda", md_training), ("Propagation ops", "ops", md_ops),
                 ("Propagation ops (GPU)", "ops_cuda", md_ops), ("Oracle teacher calibration", "calibration", md_calibration)]
     for title, key, render in sections:
