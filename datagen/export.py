@@ -12,8 +12,8 @@ kitti   the KITTI depth-completion layout as the benchmark and the raw data dist
 nyu-h5  Ma & Karaman's NYUv2 HDF5 files: train/<scene>/<frame>.h5 and val/official/<frame>.h5, each with
         'rgb' (3 x H x W uint8) and 'depth' (H x W float32 metres; the GT, or the pseudo depth of unlabelled
         shards). The format has no sparse input (its loaders draw points from 'depth') and no K (they use
-        the Kinect's): each file also holds 'K' and, when the shard has one, 'teacher', which those loaders
-        ignore and the project's nyu source reads.
+        the Kinect's): each file also holds 'K' (which the project's nyu source reads) and, when the shard
+        has one, 'teacher'; those loaders ignore both.
 
 Depth maps are copied as the shard stores them (uint16 PNG, metres x 256), so an export reads back to the
 same values; RGB becomes a PNG of the decoded shard image (a JPEG shard loses nothing more). Every export
@@ -25,6 +25,7 @@ into one (train first, then val with a selection: KITTI's selection is a subset 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -50,6 +51,7 @@ log = logging.getLogger("datagen.export")
 
 FORMATS = ("kitti", "nyu-h5")
 SPLITS = ("train", "val")
+PROGRESS = ("auto", "bar", "log", "none")
 MANIFEST = "dmd3c_export.json"
 MANIFEST_VERSION = 1
 KITTI_CAMERA = "image_02"
@@ -168,8 +170,6 @@ class _Progress:
     """A tqdm bar on a terminal, a log line every 10 s otherwise, or nothing."""
 
     def __init__(self, mode: str, shards: int):
-        if mode not in ("auto", "bar", "log", "none"):
-            raise ExportError(f"--progress must be auto, bar, log or none, got {mode!r}")
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode, self.shards, self.n, self.t0, self.last = mode, shards, 0, time.monotonic(), time.monotonic()
@@ -320,7 +320,7 @@ class _KittiWriter:
     def __init__(self, files: _Files, split: str, val_selection: int, earlier: dict | None):
         self.files, self.split, self.val_selection = files, split, val_selection
         # dates (one per K and size) carry over from an earlier export into the same root: same K, same date
-        self.dates: list[dict] = list((earlier or {}).get("dates", []))
+        self.dates: list[dict] = copy.deepcopy((earlier or {}).get("dates", []))  # a failed --add restores earlier
         self.date_of = {tuple(d["group"]): i for i, d in enumerate(self.dates)}
         self.drive_of: dict[int, dict] = {}  # date index -> this split's drive in it
         self.selected = 0
@@ -508,6 +508,8 @@ def export(shards, out: str | os.PathLike, fmt: str = "kitti", split: str = "tra
         raise ExportError("--val-selection takes its frames from the split written, and KITTI's selection is a "
                           "subset of its val drives: export held-out shards with --split val --val-selection N "
                           "(and --add them to the train export)")
+    if progress not in PROGRESS:
+        raise ExportError(f"--progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     if storage.is_url(str(out)):
         raise ExportError(f"--out {out}: exports are written to a local folder")
     urls = list_shards(shards)  # FileNotFoundError / StorageError for a spec that names nothing

@@ -377,14 +377,24 @@ def test_bad_input_gives_clear_errors_and_leaves_nothing_behind(tmp_path):
         export(str(shards), out, "kitti", split="val", add=True, progress="none")
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     manifest = (out / MANIFEST).read_bytes()
-    mixed = write_shards(tmp_path / "mixed", [*samples, Sample("kitti-x", samples[0].rgb[::-1].copy(), samples[0].K,
-                                                               gt=samples[0].depth, meta={})])
+    labelled = Sample("kitti-x", samples[0].rgb[::-1].copy(), samples[0].K, sparse=samples[0].sparse,
+                      gt=samples[0].depth, meta={})
+    mixed = write_shards(tmp_path / "mixed", [*samples, labelled])
     with pytest.raises(ExportError, match="key kitti-x: the shards mix labelled and unlabelled samples"):
         export(str(mixed), out, "nyu-h5", split="val", add=True, progress="none")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
     assert (out / MANIFEST).read_bytes() == manifest
     summary = export(str(shards), out, "kitti", overwrite=True, progress="none")
     assert summary.samples == 2 and not (out / "train").exists()
+    # a kitti --add that fails after writing into an earlier date (same K) leaves that export as it was
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    manifest = (out / MANIFEST).read_bytes()
+    with pytest.raises(ExportError, match="key kitti-x: the shards mix"):
+        export(str(mixed), out, "kitti", split="val", add=True, progress="none")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / MANIFEST).read_bytes() == manifest
+    with pytest.raises(ExportError, match="--progress must be one of auto, bar, log, none"):
+        export(str(shards), tmp_path / "new", "kitti", progress="quiet")
 
 
 def test_kitti_export_warns_of_maps_kitti_loaders_refuse(tmp_path):
