@@ -151,6 +151,40 @@ def run(
 
 
 @app.command()
+def export(
+    shards: str = typer.Argument(..., help="A shard (.tar), a directory of shards, a glob, or the same in object "
+                                 "storage (s3://bucket/prefix/)."),
+    fmt: str = typer.Option(..., "--format", help="kitti (KITTI depth completion's layout) or nyu-h5 "
+                               "(NYUv2 as Ma & Karaman's HDF5 files)."),
+    out: Path = typer.Option(..., "--out", help="A new or empty local folder: the layout's root."),
+    split: str = typer.Option("train", help="train or val."),
+    val_selection: int = typer.Option(0, help="kitti, --split val: also copy the first N samples to "
+                                      "val_selection_cropped/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    add: bool = typer.Option(False, "--add", help="Add this split to an earlier export in --out."),
+    progress: str = typer.Option("auto", help="auto, bar, log or none."),
+) -> None:
+    """Write shards in the layout other trainers read (KITTI DC or NYUv2 HDF5); docs/datasets.md."""
+    import shlex
+
+    from datagen.export import ExportError
+    from datagen.export import export as export_shards
+    from shared.shard import ShardError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    command = shlex.join(["datagen", "export", shards, "--format", fmt, "--out", str(out), "--split", split,
+                          *(["--val-selection", str(val_selection)] if val_selection else []),
+                          *(["--overwrite"] if overwrite else []), *(["--add"] if add else [])])
+    try:
+        summary = export_shards(shards, out, fmt, split=split, val_selection=val_selection, overwrite=overwrite,
+                                add=add, progress=progress, command=command)
+    except (ExportError, ShardError, FileNotFoundError, StorageError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(summary.format_text())
+
+
+@app.command()
 def teachers() -> None:
     """The depth models datagen knows: output kind, licence as published, size, example checkpoints."""
     typer.echo(format_table())

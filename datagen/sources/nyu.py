@@ -7,6 +7,9 @@ Sparse input: `points` pixels (default 500) drawn without replacement from the p
 GT. The draw is seeded from the sample key (a hash, stable across processes and machines), so the
 same key always gets the same points: a fixed benchmark for val, and reproducible shards for train.
 For train only, the option `seed` is mixed in, so a new --seed gives new draws.
+
+K is the Kinect's (scaled to the file's size), unless the file holds its own 3 x 3 'K' dataset, as the
+files `datagen export --format nyu-h5` writes do (Ma & Karaman's have none).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class NyuSource(Source):
   train/<scene>/<frame>.h5                (e.g. train/basement_0001a/00001.h5)
   val/official/<frame>.h5                 (e.g. val/official/00001.h5)
 Each .h5 holds 'rgb' (3 x 480 x 640 uint8) and 'depth' (480 x 640 float, metres).
+A 3 x 3 'K' in the file (`datagen export --format nyu-h5` writes one) replaces the Kinect K.
 Options: split (train | val, default train), points (default 500), seed (train draws only, default 0)."""
     option_defaults = {"split": "train", "points": 500, "seed": 0}
 
@@ -68,6 +72,7 @@ Options: split (train | val, default train), points (default 500), seed (train d
             with h5py.File(item.path, "r") as f:
                 rgb = np.asarray(f["rgb"][()])
                 depth = np.asarray(f["depth"][()], dtype=np.float32)
+                file_K = np.asarray(f["K"][()], dtype=np.float64) if "K" in f else None
         except KeyError as exc:
             raise InputError(f"{item.path}: HDF5 file lacks dataset {exc}") from exc
         except (OSError, ValueError, TypeError) as exc:
@@ -84,7 +89,11 @@ Options: split (train | val, default train), points (default 500), seed (train d
         h, w = depth.shape
         K = NYU_K.copy()
         meta = {"split": self.options["split"], "intrinsics": "native"}
-        if (w, h) != NYU_SIZE:  # a resized copy of the data set: the Kinect K follows the resize
+        if file_K is not None:  # a file `datagen export --format nyu-h5` wrote: its frame's own K
+            if file_K.shape != (3, 3) or not (np.all(np.isfinite(file_K)) and file_K[0, 0] > 0 and file_K[1, 1] > 0):
+                raise InputError(f"{item.path}: 'K' must be a 3 x 3 pinhole matrix, got {file_K.tolist()}")
+            K, meta["K_from"] = file_K, "file"
+        elif (w, h) != NYU_SIZE:  # a resized copy of the data set: the Kinect K follows the resize
             K = scale_K(K, w / NYU_SIZE[0], h / NYU_SIZE[1])
             meta["K_scaled_from"] = list(NYU_SIZE)
         train = self.options["split"] == "train"

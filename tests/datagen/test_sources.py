@@ -352,6 +352,25 @@ def test_nyu_full_size_K_and_bad_file(tmp_path):
         src.load(src.items()[1])
 
 
+def test_nyu_file_K_replaces_the_kinect_K(tmp_path):
+    """A file with its own 'K' (as `datagen export --format nyu-h5` writes) keeps it; a malformed one is refused."""
+    import h5py
+
+    tree = make_nyu(tmp_path / "nyu", splits=("val",), frames=2)
+    paths = [r["path"] for r in tree["splits"]["val"]["items"]]
+    K = make_K(70.123456789, 71.5, 30.25, 22.75)
+    with h5py.File(paths[0], "a") as f:
+        f.create_dataset("K", data=K)
+    with h5py.File(paths[1], "a") as f:
+        f.create_dataset("K", data=np.eye(2))
+    src = get_source("nyu", tree["root"], split="val")
+    rec = src.load(src.items()[0])
+    np.testing.assert_array_equal(rec.K, K)
+    assert rec.meta["K_from"] == "file" and "K_scaled_from" not in rec.meta
+    with pytest.raises(InputError, match=r"00002\.h5: 'K' must be a 3 x 3 pinhole matrix"):
+        src.load(src.items()[1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Synthetic
 
