@@ -34,6 +34,7 @@ from datagen.job.shard_files import (
     remove_partial_files,
     shard_finished,
     shard_name,
+    tables_available,
     write_tables,
 )
 from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
@@ -74,6 +75,7 @@ class RunSummary:
     wall_s: float = 0.0  # the whole command
     workers: int = 0
     teacher: str = ""
+    tables_written: bool = True  # False: pyarrow is missing, the rows are only in the sidecars
 
     @property
     def images_per_s(self) -> float:
@@ -91,7 +93,9 @@ class RunSummary:
                 + f"; {self.images_per_s:.2f} images/s over {self.seconds:.1f} s ({self.wall_s:.1f} s in all), "
                 f"{self.workers} workers, teacher {self.teacher}\n"
                 f"{self.out_dir}: {self.shards} shards, {MANIFEST} {self.samples_total} rows, "
-                f"{FAILURES} {self.failures_total} rows")
+                f"{FAILURES} {self.failures_total} rows"
+                + ("" if self.tables_written else " (not written: pyarrow is not installed; the rows are in the "
+                   "*.rows.json sidecars)"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +315,10 @@ def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: str
     else:
         crashed = []
     summary.samples_total, summary.failures_total = write_tables(out_dir, finished, cfg.source, crashed)
+    summary.tables_written = tables_available()
+    if not summary.tables_written:
+        log.warning("pyarrow is not installed: %s and %s are not written (the rows are in the *.rows.json "
+                    "sidecars; the same command run where pyarrow is installed writes both)", MANIFEST, FAILURES)
     summary.wall_s = time.monotonic() - t_start
     return summary
 
