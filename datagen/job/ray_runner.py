@@ -56,7 +56,11 @@ def connect_ray(address: str | None, workers: int | None, log_to_driver: bool,
         # does not (ray 2.5x+): send the local token, as `ray job submit` would
         os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        raise PipelineError("Ray is not installed here (pip install 'ray[default]'); without Ray, run the shards in "
+                            "this process: --executor local") from exc
 
     if ray.is_initialized():  # a caller (a test, a notebook) already connected: use that
         cpus = int(ray.cluster_resources().get("CPU", 1))

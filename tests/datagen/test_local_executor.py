@@ -89,13 +89,16 @@ BLOCKED_RUN = textwrap.dedent("""
     res = CliRunner().invoke(app, ["run", "--source", "folder", "--root", root, "--teacher", teacher, "--out", out,
                                    "--shard-size", "3", "--teacher-batch", "2", "--workers", "0", "--progress", "log"])
     folder = {"exit": res.exit_code, "output": res.output}
+    res = CliRunner().invoke(app, ["run", "--source", "folder", "--root", root, "--teacher", teacher, "--out",
+                                   out + "-ray", "--progress", "none"])
+    no_ray = {"exit": res.exit_code, "output": res.output}
     for name in ("open3d", "pyarrow", "scipy"):  # the synthetic world renders with Open3D, its oracle uses scipy
         del sys.modules[name]
     res = CliRunner().invoke(app, ["run", "--limit", "3", "--width", "64", "--height", "48", "--out", out,
                                    "--executor", "local", "--progress", "none"])
     synthetic = {"exit": res.exit_code, "output": res.output}
     loaded = sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is not None})
-    print(json.dumps({"folder": folder, "synthetic": synthetic, "loaded": loaded}))
+    print(json.dumps({"folder": folder, "no_ray": no_ray, "synthetic": synthetic, "loaded": loaded}))
 """)
 
 
@@ -126,6 +129,9 @@ def test_runs_without_ray_open3d_pyarrow_and_scipy(tmp_path, tiny_da):
     assert "manifest.parquet" not in files and "failures.parquet" not in files  # the stale ones are gone
     expected = {n: b for n, b in job_files(tmp_path / "ref" / "folder").items() if not n.endswith(".parquet")}
     assert files == expected
+    no_ray = result["no_ray"]  # the default executor where Ray is missing: says so and what to do instead
+    last = no_ray["output"].strip().splitlines()[-1]  # (CliRunner closes the stream logging had: "Logging error")
+    assert no_ray["exit"] == 1 and last.startswith("error: Ray is not installed") and "--executor local" in last
     assert synthetic["exit"] == 0 and "done 3, skipped 0, failed 0" in synthetic["output"], synthetic["output"]
     assert "ray" not in result["loaded"]
 
