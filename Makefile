@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONDONTWRITEBYTECODE ?= 1
 
 .PHONY: setup os-libs test test-shared test-datagen test-trainer lint demo bench bench-synthetic chaos \
-        gpu-check finetune-kitti finetune-nyu clean
+        gpu-check gpu-bundle finetune-kitti finetune-nyu clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,13 @@ chaos: setup
 # the GPU), under 8 minutes on one GPU: bench/RESULTS-gpu.md, exit 1 on a failed check. ARGS="--parts 2,3".
 gpu-check: setup
 	$(BIN)/python bench/gpu_check.py $(ARGS)
+
+# What a lent GPU machine (no internet, torch + transformers + numpy, 64 MiB carried) lacks for the GPU check:
+# wheels from PyPI into bench/gpu-bundle/ (git-ignored, ~53 MiB; bench/gpu_bundle.py says which and why), for
+# the machine's CPython, GPU_PYTHON (the lent machines': 3.12). gpu_check.py finds and unpacks it by itself.
+GPU_PYTHON ?= 3.12
+gpu-bundle: setup
+	$(BIN)/python bench/gpu_bundle.py build --python-version $(GPU_PYTHON)
 
 # Fine-tune and evaluate on a labelled set (docs/finetune.md): shards when missing, trainer finetune
 # --resume, trainer eval. Variables: KITTI_ROOT / NYU_ROOT (required), TEACHER, INIT, MODEL, STEPS, OUT,

@@ -11,27 +11,45 @@ and the others still run):
               only), the share of the processor's pre-processing, bf16 vs fp32 difference, peak memory
   2 trainer   bpnet (89.9M) forward+backward at 256x1216, batch 2, bf16 autocast as trainer/train.py:
               s/step, peak memory, finite loss; eval forward on the GPU vs the CPU on 64x96 (fp32)
-  3 knn4      every method of trainer.ops.knn4 on CUDA vs the CPU KD-tree: identical indices on 20 random
-              cases (ties, <4 points, empty), time at 256x1216 / 15k points and 1248x1408 / 60k points
-  4 ddp       `torchrun --nproc_per_node 1` pre-training for 5 steps on 8 synthetic scenes made by
-              `datagen run`, and an nccl process group with DDP around bpnet (train.py forms a process group
-              only for 2+ processes, and NCCL refuses two ranks on one GPU)
-  5 datagen   `datagen run` on 64 synthetic scenes with a tiny random Depth Anything on the GPU, Ray local:
-              shards validate, 64 manifest rows, images/s
+  3 knn4      every method of trainer.ops.knn4 on CUDA vs the CPU KD-tree (where scipy is missing: the CPU
+              bucketed search): identical indices on 20 random cases (ties, <4 points, empty), time at
+              256x1216 / 15k points and 1248x1408 / 60k points
+  4 ddp       `torchrun --nproc_per_node 1` pre-training for 5 steps on shards of 8 images made by
+              `datagen run --executor local`, and an nccl process group with DDP around bpnet (train.py forms
+              a process group only for 2+ processes, and NCCL refuses two ranks on one GPU)
+  5 datagen   `datagen run` over 64 images with a tiny random Depth Anything on the GPU (--executor: Ray
+              where it is installed, else in one process): shards validate, 64 manifest rows, images/s
+Parts 4 and 5 make their own photos (a folder of JPEGs) and use a Depth Anything teacher: the synthetic world
+renders with Open3D and its oracle teacher needs scipy, which a lent machine may lack.
 It writes bench/RESULTS-gpu.md (GPU, driver, CUDA, torch, commit, date; a table per part) whatever
-happens, prints progress as it goes, and exits 1 if any check failed (2: no CUDA device at all; then
-it writes a report only where --out says, so a CPU machine never replaces a GPU run's results).
---cpu runs the same code at tiny sizes on the CPU (gloo instead of nccl, `tiny` network, 8 scenes) and
-writes its report to --out or a temporary file, never to bench/RESULTS-gpu.md.
+happens, prints progress as it goes, and exits 1 if any check failed (2: no CUDA device at all, or a carry
+bundle this Python cannot use; then it writes a report only where --out says, so a CPU machine never
+replaces a GPU run's results). --cpu runs the same code at tiny sizes on the CPU (gloo instead of nccl,
+`tiny` network, 8 images) and writes its report to --out or a temporary file, never to bench/RESULTS-gpu.md.
 
-On a GPU node with the internet (a cluster's), `make setup && make gpu-check`. On a lent machine with
-no internet, `make setup` cannot install anything; its image has torch (CUDA), transformers, scipy
-and numba but not Ray, Open3D or webdataset, and Ray's wheel is larger than what may travel to it.
-Parts 1-3 need only what the image has; parts 4-5 run `datagen run` and need the rest:
+On a GPU node with the internet (a cluster's), `make setup && make gpu-check`.
 
-    PYTHONPATH=. python bench/gpu_check.py --parts 1,2,3 --commit <hash> --out "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/gpu-check.log"
+On a lent GPU machine (no internet; a copy of the working tree without .git, plus at most 64 MiB of carried
+git-ignored files; its python3 has torch with CUDA, transformers and numpy, and no Ray, Open3D or
+webdataset): what it lacks travels as the carry bundle, bench/gpu-bundle/ (bench/gpu_bundle.py: Pillow,
+isal, webdataset, typer, tqdm, numba and what they need, about 53 MiB). The script finds it next to itself
+and unpacks the wheels this Python lacks into a temporary folder (no pip, no venv; the machine's own
+packages are left as they are). Before the GPU is lent, here (PyPI):
 
-(give it ~400 s: the three parts' time limits), then copy the report to bench/RESULTS-gpu.md here.
+    make gpu-bundle                 # the lent machines' python3 is CPython 3.12; GPU_PYTHON=3.x for another
+
+The moment it is lent, one call of the device tool, carrying the bundle (carry: ["bench/gpu-bundle"],
+timeout_s 560: the parts' limits add up to 450 s):
+
+    set -o pipefail; python3 bench/gpu_check.py --commit <hash> --out "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/gpu-check.log"
+
+then copy the report to bench/RESULTS-gpu.md here. If a part fails, rerun only that one (--parts N).
+
+Rehearsed on the 2-core CPU machine in a fresh virtual environment holding only torch, transformers and
+numpy (`python -m venv /tmp/min && /tmp/min/bin/pip install torch==2.13.0 transformers numpy`), with a bundle
+for its Python (`make gpu-bundle GPU_PYTHON=3.11`): `/tmp/min/bin/python bench/gpu_check.py --cpu` found the
+bundle, unpacked what that environment lacked and passed all five parts (README, "GPU check", has the
+figures).
 """
 
 from __future__ import annotations
@@ -40,6 +58,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -53,7 +72,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -64,6 +83,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GPU_RESULTS = ROOT / "bench" / "RESULTS-gpu.md"
+DEFAULT_BUNDLE = ROOT / "bench" / "gpu-bundle"  # `make gpu-bundle`; git-ignored, carried to a lent machine
+
+from bench.gpu_bundle import BundleError  # noqa: E402 (standard library only, like everything above)
+from bench.gpu_bundle import activate as activate_bundle  # noqa: E402
 
 # bf16 vs fp32 teacher outputs: max |bf16 - fp32| / max |fp32| over an image. The same random Large on
 # the CPU gave 0.014 (one 518 px image); real weights are smoother. Above this something is wrong.
@@ -95,9 +118,10 @@ class Sizes:
     ddp_batch: int
     pretrain_steps: int  # of `trainer pretrain` under torchrun
     ddp_steps: int  # of the DDP worker
-    shard_hw: tuple[int, int]  # synthetic scenes of parts 4 and 5 (H, W)
-    scenes: int
-    workers: int
+    shard_hw: tuple[int, int]  # the images of parts 4 and 5 (H, W)
+    scenes: int  # images of part 5 (part 4: 8)
+    workers: int  # Ray workers of part 5 when it runs on Ray
+    executor: str = "local"  # part 5's datagen executor (main sets it: --executor); part 4 always runs local
 
 
 GPU = Sizes(device="cuda", teacher_arch="large", teacher_px=518, teacher_batches=(1, 8, 32), teacher_images=64,
@@ -118,7 +142,7 @@ PARTS = {
     4: ("part_ddp", "torchrun pre-training, 1 process; DDP process group", 90),
     5: ("part_datagen", "datagen run with the teacher on the device", 75),
 }
-CPU_LIMIT_S = 60  # per part in --cpu mode (each takes 2-15 s on 2 cores)
+CPU_LIMIT_S = 120  # per part in --cpu mode (each takes 5-25 s on 2 idle cores; a shared, busy machine is 4x slower)
 
 
 # -----------------------------------------------------------------------------
@@ -271,8 +295,9 @@ def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 
 
-def datagen_cli() -> list[str]:
-    return [sys.executable, "-m", "datagen.cli", "run", "--source", "synthetic", "--progress", "log"]
+def datagen_cli(executor: str) -> list[str]:
+    return [sys.executable, "-m", "datagen.cli", "run", "--source", "folder", "--progress", "log", "--executor",
+            executor]
 
 
 # -----------------------------------------------------------------------------
@@ -475,9 +500,13 @@ def part_knn(rows: Rows, s: Sizes, work: Path) -> None:
 
     dev = torch.device(s.device)
     methods = [m for m in ops.KNN4_METHODS if m != "kdtree"] + ["auto"]
-    rows.measure("methods checked against the KD-tree", ", ".join(methods), f"trainer.ops.KNN4_METHODS on {dev}")
+    # the reference: the KD-tree (scipy); where scipy is missing (the carry bundle leaves it out), the CPU run
+    # of the bucketed search, which make test holds equal to the KD-tree and to the exhaustive search
+    ref, REF = ("kdtree", "KD-tree") if ops.have_scipy() else ("bucket", "CPU bucketed search")
+    rows.measure(f"methods checked against the {REF}", ", ".join(methods), f"trainer.ops.KNN4_METHODS on {dev}"
+                 + ("" if ref == "kdtree" else "; scipy is not installed here: no KD-tree"))
     cases = [knn_case(i, s.knn_max_hw) for i in range(20)]
-    refs = [ops.knn4(sp, method="kdtree") for sp, _ in cases]
+    refs = [ops.knn4(sp, method=ref) for sp, _ in cases]
     for m in methods:
         with rows.step(f"{m}: 20 random cases"):
             bad = []
@@ -485,13 +514,14 @@ def part_knn(rows: Rows, s: Sizes, work: Path) -> None:
                 i2, o2 = ops.knn4(sp.to(dev), method=m)
                 if not (torch.equal(i2.cpu(), idx) and torch.equal(o2.cpu(), off)):
                     bad.append(what)
-            rows.check(f"{m} on {dev.type}: indices and offsets equal to the KD-tree's, 20 cases",
+            rows.check(f"{m} on {dev.type}: indices and offsets equal to the {REF}'s, 20 cases",
                        not bad, f"{20 - len(bad)}/20 equal", "differ: " + "; ".join(bad[:3]) if bad else "")
     for h, w, n in s.knn_timed:
         with rows.step(f"{h}x{w}, {n} points"):
             sp = points_sparse(h, w, n)
-            (idx, off), t_tree = timed("cpu", ops.knn4, sp, method="kdtree")
-            rows.measure(f"{h}x{w}, {n} points: KD-tree on the CPU (1 worker), s", f"{t_tree:.3f}")
+            (idx, off), t_tree = timed("cpu", ops.knn4, sp, method=ref)
+            rows.measure(f"{h}x{w}, {n} points: {REF} on the CPU" + (" (1 worker)" if ref == "kdtree" else "")
+                         + ", s", f"{t_tree:.3f}")
             sp_dev = sp.to(dev)
             for m in methods:
                 if m == "auto":
@@ -503,8 +533,8 @@ def part_knn(rows: Rows, s: Sizes, work: Path) -> None:
                 same = torch.equal(i2.cpu(), idx) and torch.equal(o2.cpu(), off)
                 again = timed(dev, ops.knn4, sp_dev, method=m)[1] if rows.left() > 3 * first + 10 else None
                 t = again if again is not None else first
-                rows.check(f"{h}x{w}, {n} points: {m} on {dev.type} equal to the KD-tree", same,
-                           f"{t:.3f} s", f"{t_tree / t:.1f}x the KD-tree's speed"
+                rows.check(f"{h}x{w}, {n} points: {m} on {dev.type} equal to the {REF}", same,
+                           f"{t:.3f} s", f"{t_tree / t:.1f}x the {REF}'s speed"
                            + ("" if again is not None else "; first call, no repeat (time limit)"))
 
 
@@ -512,19 +542,48 @@ def part_knn(rows: Rows, s: Sizes, work: Path) -> None:
 # part 4: torchrun and the DDP process group
 
 
-def make_synthetic_shards(s: Sizes, out: Path, n: int, teacher: str | None, timeout: float):
-    """`datagen run --source synthetic` into out; returns (the CompletedProcess, its shard folder)."""
-    h, w = s.shard_hw
-    cmd = [*datagen_cli(), "--limit", n, "--out", out, "--workers", s.workers, "--height", h, "--width", w,
+def make_images(folder: Path, n: int, hw: tuple[int, int]) -> Path:
+    """n photos for `datagen run --source folder`: a sky gradient over a ground that darkens towards the
+    horizon, with a few boxes (deterministic, distinct). The folder source needs neither Open3D (the synthetic
+    world renders with it) nor scipy (its oracle teacher uses it), which a lent machine may lack."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = hw
+    v, u = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        horizon = rng.uniform(0.3, 0.5)
+        sky = np.stack([0.5 + 0.3 * v, 0.6 + 0.3 * v, np.full_like(v, 0.9)], -1)
+        ground = (0.25 + 0.5 * (v - horizon))[..., None] * rng.uniform(0.6, 1.0, 3)
+        img = np.where((v < horizon)[..., None], sky, ground)
+        for _ in range(4):
+            y0, x0 = rng.uniform(horizon * 0.8, 0.9), rng.uniform(0, 0.9)
+            box = (v > y0) & (v < y0 + rng.uniform(0.05, 0.3)) & (u > x0) & (u < x0 + rng.uniform(0.03, 0.2))
+            img[box] = rng.uniform(0.1, 0.9, 3)
+        img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"img{i:03d}.jpg", quality=95)
+    return folder
+
+
+def make_shards(s: Sizes, work: Path, n: int, executor: str, timeout: float):
+    """`datagen run --source folder` over n images with a tiny random Depth Anything (on the device); returns
+    (the CompletedProcess, the shard folder)."""
+    from datagen.teachers.runner import save_random_teacher
+
+    teacher = save_random_teacher(work / "tiny-da")
+    images = make_images(work / "images", n, s.shard_hw)
+    cmd = [*datagen_cli(executor), "--root", images, "--teacher", teacher, "--out", work / "shards",
            "--shard-size", max(1, n // s.workers)]
-    if teacher:
-        cmd += ["--teacher", teacher]
-    return run_logged(cmd, timeout), out / "synthetic"
+    if executor == "ray":
+        cmd += ["--workers", s.workers]
+    return run_logged(cmd, timeout), work / "shards" / "folder"
 
 
 def part_ddp(rows: Rows, s: Sizes, work: Path) -> None:
-    proc, shards = make_synthetic_shards(s, work / "shards", 8, None, rows.left() / 3)
-    if rows.check("datagen run: 8 synthetic scenes (oracle teacher)", proc.returncode == 0,
+    proc, shards = make_shards(s, work, 8, "local", rows.left() / 3)
+    if rows.check("datagen run --executor local: 8 images, tiny random Depth Anything", proc.returncode == 0,
                   f"exit {proc.returncode}", tail(proc.stderr, 3) if proc.returncode else ""):
         pretrain_under_torchrun(rows, s, work, shards)
     with rows.step(f"{s.ddp_backend} process group"):
@@ -597,34 +656,43 @@ def ddp_steps(rows: Rows, s: Sizes, work: Path) -> None:
 # part 5: datagen with the teacher on the device
 
 
-def part_datagen(rows: Rows, s: Sizes, work: Path) -> None:
-    import pyarrow.parquet as pq
+def table_counts(out: Path) -> tuple[int, int, str]:
+    """(manifest rows, failure rows, where they were read): manifest.parquet and failures.parquet, or, where
+    pyarrow is missing and datagen wrote no tables, the shards' sidecars they are made from."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.rows.json"))]
+        return (sum(len(r["manifest"]) for r in rows), sum(len(r["failures"]) for r in rows),
+                "from the sidecars: pyarrow is not installed, datagen wrote no tables")
+    return pq.read_table(out / "manifest.parquet").num_rows, pq.read_table(out / "failures.parquet").num_rows, ""
 
-    from datagen.teachers.runner import save_random_teacher
+
+def part_datagen(rows: Rows, s: Sizes, work: Path) -> None:
     from shared.shard import iter_samples, list_shards, validate_shard
 
-    teacher = save_random_teacher(work / "tiny-da")
-    proc, out = make_synthetic_shards(s, work / "shards", s.scenes, teacher, rows.left() - 5)
+    proc, out = make_shards(s, work, s.scenes, s.executor, rows.left() - 5)
     log = proc.stdout + proc.stderr
-    if not rows.check(f"datagen run: {s.scenes} synthetic scenes, tiny random Depth Anything", proc.returncode == 0,
-                      f"exit {proc.returncode}", tail(log, 4) if proc.returncode else ""):
+    if not rows.check(f"datagen run --executor {s.executor}: {s.scenes} images, tiny random Depth Anything",
+                      proc.returncode == 0, f"exit {proc.returncode}", tail(log, 4) if proc.returncode else ""):
         return
-    placed = re.search(r"replica\(s\) on (\S+), (\S+)", log)
-    rows.check(f"teacher replica on {s.device}", bool(placed) and placed.group(1).startswith(s.device),
+    # "teacher M: 1 replica(s) on cuda:0, bfloat16" (Ray) or "teacher M: in this process on cuda, bfloat16"
+    placed = re.search(r"(?:replica\(s\)|in this process) on (\S+), (\S+)", log)
+    rows.check(f"teacher on {s.device}", bool(placed) and placed.group(1).startswith(s.device),
                placed.group(0) if placed else "no teacher log line")
     speed = re.search(r"([\d.]+) images/s over ([\d.]+) s \(([\d.]+) s in all\)", log)
     if speed:
         rows.measure("images/s (first to last shard task)", speed.group(1),
-                     f"{speed.group(2)} s of work, {speed.group(3)} s with Ray start-up; {s.workers} workers, "
-                     f"{s.shard_hw[0]}x{s.shard_hw[1]}")
+                     f"{speed.group(2)} s of work, {speed.group(3)} s with the start-up; "
+                     + (f"{s.workers} Ray workers" if s.executor == "ray" else "one process (--executor local)")
+                     + f", {s.shard_hw[0]}x{s.shard_hw[1]}")
     shards = list_shards(str(out))
     errors = [e for p in shards for e in validate_shard(p).errors]
     rows.check("shards validate", bool(shards) and not errors, f"{len(shards)} shards",
                "; ".join(errors[:2]))
-    manifest = pq.read_table(out / "manifest.parquet").num_rows
-    failures = pq.read_table(out / "failures.parquet").num_rows
+    manifest, failures, where = table_counts(out)
     rows.check(f"manifest has {s.scenes} rows, no failures", manifest == s.scenes and failures == 0,
-               f"{manifest} rows, {failures} failures")
+               f"{manifest} rows, {failures} failures", where)
     want = "bfloat16" if s.device == "cuda" else "float32"  # DepthTeacher's default dtype on that device
     dtypes = sorted({smp.meta["teacher"]["dtype"] for smp in iter_samples(str(out))})
     rows.check(f"samples record the teacher's dtype {want}", dtypes == [want], ", ".join(dtypes))
@@ -709,7 +777,9 @@ def environment(commit: str | None) -> dict:
            "commit": commit or git_commit(), "host": platform.node(), "CPU cores": str(os.cpu_count()),
            "python": platform.python_version(), "torch": torch.__version__,
            "CUDA (torch build)": str(torch.version.cuda), "cuDNN": str(torch.backends.cudnn.version()),
-           "transformers": version("transformers"), "ray": version("ray")}
+           "transformers": version("transformers"), "ray": version("ray"),
+           "numba / scipy / pyarrow / webdataset": " / ".join(version(p) for p in ("numba", "scipy", "pyarrow",
+                                                                                 "webdataset"))}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
@@ -743,14 +813,23 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="report path (GPU default: bench/RESULTS-gpu.md; --cpu: a temp file)")
     ap.add_argument("--budget", type=float, default=1.0, help="multiply every part's time limit by this")
     ap.add_argument("--commit", help="commit to record when the tree has no .git (a copy on another machine)")
+    ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE if DEFAULT_BUNDLE.is_dir() else None,
+                    help="wheels to use for what this Python lacks (bench/gpu_bundle.py; default: bench/gpu-bundle "
+                    "when it exists)")
+    ap.add_argument("--no-bundle", action="store_true", help="use this Python's packages only")
+    ap.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+                    help="part 5's datagen executor; auto: ray where it is installed, else local")
     ap.add_argument("--part", type=int, help=argparse.SUPPRESS)  # internal: run one part in this process
     ap.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    sizes = CPU if args.cpu else GPU
+    executor = args.executor
+    if executor == "auto":
+        executor = "ray" if importlib.util.find_spec("ray") is not None else "local"
+    sizes = replace(CPU if args.cpu else GPU, executor=executor)
 
-    if args.part:  # a child: run one part, every row saved as it comes
+    if args.part:  # a child: run one part, every row saved as it comes (the parent activated the bundle)
         rows = Rows(args.rows, args.deadline)
         with rows.step(f"part {args.part}"):
             globals()[PARTS[args.part][0]](rows, sizes, args.work)
@@ -763,7 +842,19 @@ def main() -> int:
     if unknown := sorted(set(parts) - set(PARTS)):
         ap.error(f"unknown part(s) {unknown}; parts are {sorted(PARTS)}")
     t_start = time.time()
+    bundle = None
+    if args.bundle is not None and not args.no_bundle:
+        try:  # before anything imports what the bundle may provide; the children get it through PYTHONPATH
+            bundle = activate_bundle(args.bundle)
+        except BundleError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = environment(args.commit)
+    env["datagen executor (part 5)"] = executor
+    if bundle is not None:
+        env["carry bundle"] = (f"{args.bundle}: unpacked {', '.join(bundle['used']) or 'nothing'}; this Python's "
+                               f"own: {', '.join(bundle['kept']) or 'nothing'}")
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     results: dict[int, tuple[list[dict], float, float]] = {}
     if not args.cpu and env["torch.cuda.is_available()"] != "True":
@@ -780,7 +871,8 @@ def main() -> int:
             work.mkdir()
             print(f"\n== part {n}/{len(PARTS)}: {PARTS[n][1]} (time limit {limit:.0f} s)", flush=True)
             argv = [sys.executable, __file__, "--part", str(n), "--rows", str(work / "rows.json"), "--work",
-                    str(work), "--deadline", str(time.time() + limit)] + (["--cpu"] if args.cpu else [])
+                    str(work), "--deadline", str(time.time() + limit), "--executor", executor,
+                    "--no-bundle"] + (["--cpu"] if args.cpu else [])
             rows, took = run_part(argv, limit)
             results[n] = (rows, took, limit)
             print(f"== part {n}: {'FAIL' if failed(rows) else 'PASS'} in {took:.1f} s", flush=True)

@@ -73,7 +73,11 @@ def run(
                                     "also read s3://bucket/prefix (gs://, az://)."),
     out: str = typer.Option("shards", help="Output folder or object-store prefix (s3://bucket/prefix, gs://, "
                             "az://); shards go to OUT/<source>/."),
-    workers: int | None = typer.Option(None, help="CPU workers (shard tasks at a time). Default: every core."),
+    workers: int | None = typer.Option(None, help="CPU workers (shard tasks at a time). Default: every core. "
+                                       "0: no Ray, the shards run in this process (= --executor local)."),
+    executor: str | None = typer.Option(None, help="ray (shard tasks on a local Ray or a cluster) or local (one "
+                                        "shard at a time in this process, no Ray; same bytes). Default: ray, "
+                                        "local with --workers 0."),
     address: str | None = typer.Option(None, help="Ray cluster to join (host:port); default RAY_ADDRESS, "
                                        "else a local Ray on 127.0.0.1."),
     runtime_env: str = typer.Option("auto", help="Code shipped to a cluster's nodes: full (datagen + shared and "
@@ -130,7 +134,7 @@ def run(
     except ScanSpecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    cfg = RunConfig(source=source, root=root or None, out=out, workers=workers,
+    cfg = RunConfig(source=source, root=root or None, out=out, workers=workers, executor=executor,
                     address=address, runtime_env=runtime_env, teacher=teacher, teacher_replicas=teacher_replicas,
                     teacher_batch=teacher_batch, teacher_output=teacher_output,
                     metric_scale_jitter=metric_scale_jitter, limit=limit, seed=seed, shard_size=shard_size, scan=scan,

@@ -15,12 +15,12 @@ a (0, 0) offset, so the network sees "no neighbour information" and stays finite
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial import cKDTree
 from torch import Tensor
 
 NUM_NEIGHBOURS = 4
@@ -48,6 +48,15 @@ def _pad_repeat_last(sel: np.ndarray | Tensor, k: int):
     return np.concatenate([sel, *reps], axis=1)
 
 
+@functools.cache
+def have_scipy() -> bool:
+    try:
+        import scipy.spatial  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def knn4_points_kdtree(px: np.ndarray, py: np.ndarray, height: int, width: int, workers: int = 1) -> np.ndarray:
     """Indices (N x 4, into the point list) of the 4 nearest points of every pixel, via a KD-tree.
 
@@ -55,6 +64,8 @@ def knn4_points_kdtree(px: np.ndarray, py: np.ndarray, height: int, width: int, 
     whose k-th neighbour is still as near as their 4th: then every point tied with the 4th is in hand
     and the original's tie rule can be applied to the candidates.
     """
+    from scipy.spatial import cKDTree  # lazy: without scipy, "auto" takes the bucketed search (have_scipy)
+
     num_points = len(px)
     assert num_points > 0
     px = px.astype(np.int64)
@@ -315,10 +326,10 @@ def knn4(sparse: Tensor, method: str = "auto", valid_depth: float = VALID_DEPTH,
       offset B x 2 x 4 x (H*W), sparse's dtype: (dx, dy) = neighbour's (col, row) - pixel's (col, row).
     method: "kdtree" (scipy, on the CPU), "bucket" (grid-bucketed exact search on sparse's device),
     "brute" (chunked exhaustive search on sparse's device, the reference), or "auto" (kdtree for CPU
-    tensors, bucket otherwise). All give identical results.
+    tensors, bucket otherwise, and on the CPU too where scipy is not installed). All give identical results.
     """
     if method == "auto":
-        method = "kdtree" if sparse.device.type == "cpu" else "bucket"
+        method = "kdtree" if sparse.device.type == "cpu" and have_scipy() else "bucket"
     if method not in ("kdtree", "bucket", "brute"):
         raise ValueError(f"unknown knn4 method {method!r}")
     B, _, H, W = sparse.shape

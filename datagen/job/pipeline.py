@@ -1,7 +1,8 @@
-"""The datagen job: a source's inputs -> shards of samples, resumable, one Ray task per shard.
+"""The datagen job: a source's inputs -> shards of samples, resumable, one task per shard.
 
     run(cfg)          check the job (prepare), lock the output folder, skip the finished shards, run the
-                      others on Ray (ray_runner), rebuild the manifest and failures tables (shard_files)
+                      others on Ray (ray_runner) or in this process (local_runner; executor.py picks), rebuild
+                      the manifest and failures tables (shard_files)
     process_shard     one shard task: load its inputs a chunk at a time, get their teacher maps, turn
                       each into a sample (sample.make_sample) and stream the samples into the shard's tar
 
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from datagen.job.executor import EXECUTORS, ShardLost, open_runner
+from datagen.job.local_runner import InProcessTeacher
 from datagen.job.lock import LockBusy, job_lock
-from datagen.job.ray_runner import RayRunner, ShardLost, TeacherRequest
 from datagen.job.runtime_env import MODES as RUNTIME_ENV_MODES
 from datagen.job.settings import ConfigError, PipelineError, RunConfig, fingerprint_in
 from datagen.job.shard_files import (
@@ -34,6 +36,7 @@ from datagen.job.shard_files import (
     remove_partial_files,
     shard_finished,
     shard_name,
+    tables_available,
     write_tables,
 )
 from datagen.sample import StageError, downscale, is_labelled, make_sample, stage
@@ -74,6 +77,8 @@ class RunSummary:
     wall_s: float = 0.0  # the whole command
     workers: int = 0
     teacher: str = ""
+    executor: str = "ray"
+    tables_written: bool = True  # False: pyarrow is missing, the rows are only in the sidecars
 
     @property
     def images_per_s(self) -> float:
@@ -89,13 +94,16 @@ class RunSummary:
         return (f"done {self.done}, skipped {self.skipped}, failed {self.failed}"
                 + (f" ({stages})" if stages else "")
                 + f"; {self.images_per_s:.2f} images/s over {self.seconds:.1f} s ({self.wall_s:.1f} s in all), "
-                f"{self.workers} workers, teacher {self.teacher}\n"
+                + (f"{self.workers} workers" if self.executor == "ray" else "in this process (--executor local)")
+                + f", teacher {self.teacher}\n"
                 f"{self.out_dir}: {self.shards} shards, {MANIFEST} {self.samples_total} rows, "
-                f"{FAILURES} {self.failures_total} rows")
+                f"{FAILURES} {self.failures_total} rows"
+                + ("" if self.tables_written else " (not written: pyarrow is not installed; the rows are in the "
+                   "*.rows.json sidecars)"))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The shard task (a Ray task; plain Python, so it also runs without Ray, e.g. in a debugger)
+# The shard task (a Ray task, or a call in this process with --executor local)
 
 _SOURCES: dict = {}  # per worker process: a source is built once, not once per shard
 
@@ -122,7 +130,17 @@ def load_records(source, items: list, max_size: int | None, shard: ShardOutput) 
     return loaded
 
 
-def write_samples(shard: ShardOutput, loaded: list[tuple], request: TeacherRequest | None, cfg: RunConfig,
+def teacher_request(teacher, feed: TeacherFeed, images: list):
+    """Ask `teacher` for the maps of a chunk of images now; the answer's maps() collects them later.
+    teacher: a replica (a Ray actor, ray_runner) or the teacher in this process (local_runner)."""
+    if isinstance(teacher, InProcessTeacher):
+        return teacher.request(feed, images)
+    from datagen.job.ray_runner import TeacherRequest
+
+    return TeacherRequest(teacher, feed, images)
+
+
+def write_samples(shard: ShardOutput, loaded: list[tuple], request, cfg: RunConfig,
                   native_K: bool, teacher_info: dict) -> None:
     """Turn each loaded input and its teacher map into a sample in the shard, or a failure row."""
     # without a replica (the oracle) make_sample makes each map from the synthetic world's true depth
@@ -142,7 +160,8 @@ def write_samples(shard: ShardOutput, loaded: list[tuple], request: TeacherReque
 def process_shard(cfg: RunConfig, index: int, items: list, teacher, teacher_info: dict, out_dir: str) -> dict:
     """Turn one shard's inputs into `<source>-NNNNNN.tar` + its sidecar; return the sidecar's rows.
 
-    `teacher` is a teacher replica (a Ray actor) or None for the oracle. The inputs go in chunks of
+    `teacher` is a teacher replica (a Ray actor), the teacher in this process (--executor local) or None for
+    the oracle. The inputs go in chunks of
     --teacher-batch: the replica works on chunk k + 1 while this task does the geometry of chunk k, and no
     more than two chunks are in memory. A failure of one input becomes a failure row; an error of the shard
     itself (the disk, the teacher gone) propagates.
@@ -156,7 +175,7 @@ def process_shard(cfg: RunConfig, index: int, items: list, teacher, teacher_info
         for start in range(0, len(items), batch):
             loaded = load_records(source, items[start:start + batch], cfg.max_size, shard)
             # the replica starts on this chunk while the task finishes the previous one
-            request = TeacherRequest(teacher, feed, [r.rgb for _, r in loaded]) if feed is not None and loaded else None
+            request = teacher_request(teacher, feed, [r.rgb for _, r in loaded]) if feed is not None and loaded else None
             if pending is not None:
                 write_samples(shard, *pending, cfg, native_K, teacher_info)
             pending = (loaded, request)
@@ -189,13 +208,15 @@ def warm_up(cfg: RunConfig) -> int:
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     """Everything that must fail fast, before Ray starts: source layout, items, teacher (its weights, the kind
-    of map it gives, its licence). The scan's settings were checked when cfg.scan was made (ScanSpec).
+    of map it gives, its licence), the executor. The scan's settings were checked when cfg.scan was made
+    (ScanSpec).
 
-    Returns the settings with the teacher, its output kind and the source options filled in, the input
-    items, the teacher to load (a folder path or hub id, see resolve_teacher) and its profile
+    Returns the settings with the executor, the teacher, its output kind and the source options filled in,
+    the input items, the teacher to load (a folder path or hub id, see resolve_teacher) and its profile
     (teacher_profile)."""
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    cfg = replace(cfg, executor=_checked_executor(cfg))
     out = _checked_out(cfg)
     source_options = {k: v for k, v in cfg.source_options.items() if v is not None}
     if cfg.source == "synthetic":
@@ -229,6 +250,22 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, list, str, dict]:
     if dup:
         raise ConfigError(f"source {cfg.source} gave duplicate keys, e.g. {dup[0]}")
     return cfg, items, resolved, profile
+
+
+def _checked_executor(cfg: RunConfig) -> str:
+    """ray or local. --workers 0 means no Ray workers: the shards run in this process (--executor local)."""
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.executor is not None and cfg.executor not in EXECUTORS:
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    executor = cfg.executor or ("local" if cfg.workers == 0 else "ray")
+    if executor == "ray" and cfg.workers == 0:
+        raise ConfigError("--workers 0 runs the shards in this process, without Ray (--executor local); "
+                          "with --executor ray give --workers N >= 1, or leave it out (every core)")
+    if executor == "local" and cfg.address:
+        raise ConfigError(f"--address {cfg.address} joins a Ray cluster, --executor local runs in this process "
+                          "without Ray: use one or the other")
+    return executor
 
 
 def _checked_out(cfg: RunConfig) -> str:
@@ -295,7 +332,8 @@ def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: str
     finished = [shard_finished(out_dir, names[i], [it.key for it in shards[i]]) is not None
                 for i in range(len(shards))]
     todo = [i for i, done in enumerate(finished) if not done]
-    summary = RunSummary(out_dir=str(out_dir), inputs=len(items), shards=len(shards), teacher=cfg.teacher)
+    summary = RunSummary(out_dir=str(out_dir), inputs=len(items), shards=len(shards), teacher=cfg.teacher,
+                         executor=cfg.executor)
     summary.skipped = sum(len(shards[i]) for i, done in enumerate(finished) if done)
     ours = {f"{n}.tar" for n in names}
     stale = [n for n in storage.listdir(out_dir) if n.startswith(f"{cfg.source}-") and n.endswith(".tar")
@@ -311,16 +349,21 @@ def _run_locked(cfg: RunConfig, items: list, teacher_resolved: str, out_dir: str
     else:
         crashed = []
     summary.samples_total, summary.failures_total = write_tables(out_dir, finished, cfg.source, crashed)
+    summary.tables_written = tables_available()
+    if not summary.tables_written:
+        log.warning("pyarrow is not installed: %s and %s are not written (the rows are in the *.rows.json "
+                    "sidecars; the same command run where pyarrow is installed writes both)", MANIFEST, FAILURES)
     summary.wall_s = time.monotonic() - t_start
     return summary
 
 
 def _run_shards(cfg: RunConfig, shards: list[list], todo: list[int], finished: list[bool], teacher_resolved: str,
                 out_dir: str, summary: RunSummary) -> list[dict]:
-    """Run the unfinished shards on Ray; fills `finished` and `summary`, returns the failure rows of the
-    inputs of shards whose worker died (a rerun retries them: they have no sidecar)."""
+    """Run the unfinished shards on Ray or in this process (cfg.executor); fills `finished` and `summary`,
+    returns the failure rows of the inputs of shards whose worker died (a rerun retries them: they have no
+    sidecar)."""
     crashed = []
-    with RayRunner(cfg) as runner:
+    with open_runner(cfg) as runner:
         summary.workers = runner.workers
         runner.start(teacher_resolved, warm_up, n_tasks=len(todo))
         t0 = time.monotonic()

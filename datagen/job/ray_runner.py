@@ -1,5 +1,5 @@
 """Everything that knows about Ray: joining a cluster or starting a local Ray, the teacher replicas, running
-the shard tasks with at most `workers` in flight, and the progress display.
+the shard tasks with at most `workers` in flight (`--executor ray`; local_runner.py is the same without Ray).
 
 The only module of the project that imports ray, and only inside functions: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 must be set before ray is imported, and importing datagen must not cost Ray's start-up.
@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
+from datagen.job.executor import Progress, ShardLost
 from datagen.job.runtime_env import describe, runtime_env
 from datagen.job.settings import PipelineError, RunConfig
 from datagen.job.shard_files import shard_name
@@ -59,7 +56,11 @@ def connect_ray(address: str | None, workers: int | None, log_to_driver: bool,
         # does not (ray 2.5x+): send the local token, as `ray job submit` would
         os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        raise PipelineError("Ray is not installed here (pip install 'ray[default]'); without Ray, run the shards in "
+                            "this process: --executor local") from exc
 
     if ray.is_initialized():  # a caller (a test, a notebook) already connected: use that
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -151,52 +152,7 @@ class TeacherRequest:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A tqdm bar on a terminal, plain log lines otherwise (or nothing)."""
-
-    def __init__(self, mode: str, total: int, every_s: float):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode, self.total, self.every_s = mode, total, every_s
-        self.n, self.t0, self.last = 0, time.monotonic(), time.monotonic()
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1) if mode == "bar" else None
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self.tick()
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.mode != "log" or (now - self.last < self.every_s and not force):
-            return
-        self.last = now
-        rate = self.n / max(now - self.t0, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        log.info("%d/%d images, %.2f images/s, ETA %s", self.n, self.total, rate,
-                 "?" if eta == float("inf") else f"{eta:.0f} s")
-
-    def close(self) -> None:
-        self.tick(force=True)
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The job on Ray
-
-
-class ShardLost:
-    """A shard whose worker process died, even after Ray's retries: its inputs become failure rows."""
-
-    def __init__(self, exc: BaseException):
-        self.kind = type(exc).__name__
-        self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 class RayRunner:

@@ -60,7 +60,10 @@ class RunConfig:
     out: str = "shards"
     root: str | None = None
     limit: int | None = None  # only the first N inputs (shards already made stay valid: a shard is its inputs)
-    workers: int | None = None  # None: every local core (or every CPU of the cluster)
+    workers: int | None = None  # None: every local core (or every CPU of the cluster); 0: --executor local
+    # ray (shard tasks on Ray, local or a cluster) | local (in this process, no Ray: datagen/job/local_runner.py);
+    # None: ray, or local with workers == 0. Not a setting of the bytes: both executors write the same ones
+    executor: str | None = None
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray
     teacher_replicas: int | None = None  # None: one per GPU, or 1
     teacher_batch: int = 8

@@ -18,8 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from datagen.job.settings import PipelineError
 from shared import storage
@@ -116,7 +114,18 @@ def remove_partial_files(out_dir: str | Path) -> int:
     return storage.remove_partial(out_dir)
 
 
-def _arrow_schema(columns: tuple[str, ...]) -> pa.Schema:
+def tables_available() -> bool:
+    """Whether manifest.parquet and failures.parquet can be written here (pyarrow is installed)."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _arrow_schema(columns: tuple[str, ...]):
+    import pyarrow as pa
+
     types = {"width": pa.int32(), "height": pa.int32(), "points": pa.int64(), "bytes": pa.int64(),
              "K": pa.list_(pa.float64())}
     return pa.schema([(c, types.get(c, pa.string())) for c in columns])
@@ -128,16 +137,30 @@ def write_tables(out_dir: str | Path, finished: list[bool], source: str, extra_f
 
     Streams: one sidecar at a time, written in row groups, so a job of millions of inputs does not hold
     its manifest in memory. Both files appear atomically. Returns the row counts.
+
+    Without pyarrow (a machine that has only what the GPU check carries, see bench/gpu_bundle.py) the rows
+    are counted and checked the same way but neither table is written, and tables of an earlier run are
+    removed: they would miss this run's shards. The sidecars hold every row, and the next run where pyarrow
+    is installed writes both tables from them.
     """
     targets = {"manifest": (MANIFEST, MANIFEST_COLUMNS), "failures": (FAILURES, FAILURE_COLUMNS)}
     writers, files, buffers, counts = {}, {}, {}, {}
+    arrow = tables_available()
+    if arrow:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     for kind, (fname, columns) in targets.items():
-        files[kind] = storage.AtomicFile(storage.join(out_dir, fname))
-        writers[kind] = pq.ParquetWriter(files[kind].file, _arrow_schema(columns))
+        if arrow:
+            files[kind] = storage.AtomicFile(storage.join(out_dir, fname))
+            writers[kind] = pq.ParquetWriter(files[kind].file, _arrow_schema(columns))
+        else:
+            storage.remove(storage.join(out_dir, fname))
         buffers[kind], counts[kind] = [], 0
 
     def flush(kind: str, force: bool = False) -> None:
-        if buffers[kind] and (force or len(buffers[kind]) >= 65536):
+        if not arrow:
+            buffers[kind].clear()
+        elif buffers[kind] and (force or len(buffers[kind]) >= 65536):
             columns = targets[kind][1]
             rows = [{c: r.get(c) for c in columns} for r in buffers[kind]]
             writers[kind].write_table(pa.Table.from_pylist(rows, schema=_arrow_schema(columns)))
@@ -158,9 +181,10 @@ def write_tables(out_dir: str | Path, finished: list[bool], source: str, extra_f
         counts["failures"] += len(extra_failures)
         for kind in targets:
             flush(kind, force=True)
-            writers[kind].close()
-            files[kind].commit()
-            files[kind] = None
+            if arrow:
+                writers[kind].close()
+                files[kind].commit()
+                files[kind] = None
     finally:
         for f in files.values():
             if f is not None:

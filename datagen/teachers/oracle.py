@@ -48,7 +48,9 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import ndimage
+
+# scipy.ndimage is imported where it is used: datagen with another teacher runs without scipy (the GPU check's
+# minimal environment, bench/gpu_bundle.py)
 
 REFERENCE_SHORT_SIDE_PX = 518  # Depth Anything's input: shorter side 518 px
 MODES = ("objects", "bend", "thin", "texture", "edge_blur", "sky_halo")
@@ -216,6 +218,8 @@ def footprint_width(object_id: np.ndarray) -> dict[int, float]:
     """Width in px of each object's image footprint: 2 d + 1, d the largest distance from one of its
     pixels to the nearest pixel where another object (or the sky) begins. A 1-2 px wide pole gives
     1, a 3-4 px one 3."""
+    from scipy import ndimage  # lazy, see the imports above
+
     diff = np.zeros(object_id.shape, bool)
     dv = object_id[1:] != object_id[:-1]
     dh = object_id[:, 1:] != object_id[:, :-1]
@@ -236,6 +240,8 @@ def thin_structures(disp: np.ndarray, object_id: np.ndarray, sky: np.ndarray, wi
     """Lose or fatten thin objects (footprint at most width_px wide). One draw u per object present (id
     order): lost when u < p_lost, fattened when u < p_lost + p_fat. Returns the map and the teacher's sky
     (the true sky plus lost pixels that took the sky's place)."""
+    from scipy import ndimage  # lazy, see the imports above
+
     widths = footprint_width(object_id)
     u = rng.uniform(size=len(widths))
     lost = [i for (i, wd), x in zip(widths.items(), u, strict=True) if wd <= width_px and x < p_lost]
@@ -258,6 +264,8 @@ def thin_structures(disp: np.ndarray, object_id: np.ndarray, sky: np.ndarray, wi
 def texture_leak(disp: np.ndarray, lum: np.ndarray, sky: np.ndarray, amount: float, sigma_px: float) -> np.ndarray:
     """disp times 1 + amount (lum - G_sigma * lum) off the sky: the image's edges, texture and shadows
     alike, leak into the disparity."""
+    from scipy import ndimage  # lazy, see the imports above
+
     if amount <= 0:
         return disp
     high = lum - ndimage.gaussian_filter(lum, max(sigma_px, 0.5), mode="nearest")
@@ -291,6 +299,8 @@ def edge_aware_blur(disp: np.ndarray, lum: np.ndarray | None, sky: np.ndarray, s
 def sky_halo(out: np.ndarray, sky: np.ndarray, strength: float, halo_px: float) -> np.ndarray:
     """Sky pixels at distance d <= halo_px from a surface get strength (1 - (d - 1) / halo_px) times the
     value of the nearest surface pixel; farther sky stays 0."""
+    from scipy import ndimage  # lazy, see the imports above
+
     if strength <= 0 or halo_px <= 0 or not sky.any() or sky.all():
         return out
     dist, (iv, iu) = ndimage.distance_transform_edt(sky, return_indices=True)

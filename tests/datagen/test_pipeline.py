@@ -1,5 +1,6 @@
 """`datagen run` end to end on Ray: synthetic (oracle), a messy folder with the bad-image zoo, KITTI and NYU
-(tiny Depth Anything teacher); shards validate, keys are stable, every input lands exactly once."""
+(tiny Depth Anything teacher); shards validate, keys are stable, every input lands exactly once. The local
+executor (no Ray) writes the same bytes as Ray, file for file, on synthetic and on the folder."""
 
 import os
 
@@ -7,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: bind 127.0.0.1
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,11 @@ def tables(out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def shard_bytes(out_dir: Path) -> dict[str, bytes]:
     return {Path(p).name: Path(p).read_bytes() for p in list_shards(str(out_dir))}
+
+
+def job_files(out_dir: Path) -> dict[str, bytes]:
+    """Every file a job leaves (shards, sidecars, both tables, job.json) but the lock: name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir()) if p.name != ".lock"}
 
 
 def check_outputs(out_dir: Path, items: list) -> tuple[list[dict], list[dict], dict]:
@@ -98,6 +105,11 @@ def test_synthetic_oracle_deterministic_and_resumable(tmp_path):
     run(RunConfig(**SYN, out=str(tmp_path / "b"), limit=7, shard_size=3, workers=1))
     assert shard_bytes(tmp_path / "b" / "synthetic") == shard_bytes(out)
     assert tables(tmp_path / "b" / "synthetic") == (manifest, failures)
+    # the local executor, in this process without Ray: every file the same, byte for byte
+    local = run(RunConfig(**SYN, out=str(tmp_path / "local"), limit=7, shard_size=3, executor="local"))
+    assert (local.done, local.workers, local.executor) == (7, 1, "local") and "in this process" in local.format()
+    assert set(job_files(out)) >= {"manifest.parquet", "failures.parquet", "job.json", "synthetic-000002.rows.json"}
+    assert job_files(tmp_path / "local" / "synthetic") == job_files(out)
     plain = tmp_path / "plain"
     plain.mkdir()
     cfg = RunConfig(**{**SYN, "source_options": {"width": 96, "height": 64, "count": 7}})
@@ -134,6 +146,10 @@ def test_folder_with_bad_images(tmp_path, tiny_da):
     s = run(cfg)
     manifest, failures, samples = check_outputs(tmp_path / "out" / "folder", items)
     assert s.done == len(manifest) and s.failed == len(failures)
+    # the local executor (--workers 0): the teacher in this process, the same bytes as the Ray replica's
+    local = run(replace(cfg, out=str(tmp_path / "local"), workers=0))
+    assert local.executor == "local" and (local.done, local.failed) == (s.done, s.failed)
+    assert job_files(tmp_path / "local" / "folder") == job_files(tmp_path / "out" / "folder")
     by_path = {r["source_path"]: r for r in manifest}
     failed = {r["source_path"]: r for r in failures}
     for name, z in zoo.items():
@@ -233,7 +249,6 @@ def test_metric_teachers_through_ray(tmp_path, caplog):
 def test_job_file_from_before_teacher_kinds_still_resumes(tmp_path):
     """A job.json written before teacher_output existed meant a disparity teacher: it resumes as one, and a
     metric teacher in that folder is refused. teacher_about (licence, ...) is written but never compared."""
-    from dataclasses import replace
 
     from datagen.job.pipeline import check_job_file
 

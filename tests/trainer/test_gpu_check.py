@@ -1,5 +1,7 @@
 """bench/gpu_check.py: its --cpu mode runs every part green (so the one GPU run it prepares does not trip on
-rot), and its driver records a hung part, a crashed part and a failed check instead of dying with them."""
+rot), with a carry bundle, and its driver records a hung part, a crashed part and a failed check instead of
+dying with them. (The same --cpu run in an environment holding only torch, transformers and numpy, with the
+real bundle, is the rehearsal the README records; it needs PyPI and minutes, so it is not run here.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_gpu_bundle import probe_bundle
 
 from trainer import ops
 
@@ -47,9 +50,12 @@ def test_cpu_mode_runs_every_part_green_and_leaves_the_gpu_results_alone(tmp_pat
     gpu_results = ROOT / "bench" / "RESULTS-gpu.md"
     before = gpu_results.read_bytes() if gpu_results.exists() else None
     report = tmp_path / "report.md"
-    proc = run_script("--cpu", "--out", str(report))
+    bundle = probe_bundle(tmp_path / "bundle")  # one distribution nobody has, one everybody has
+    proc = run_script("--cpu", "--out", str(report), "--bundle", str(bundle), timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     text = report.read_text()
+    carried = next(line for line in text.splitlines() if line.startswith("| carry bundle |"))
+    assert "unpacked dmd3c-probe 1.0;" in carried and "own: " in carried and "pytest" in carried
     for n in range(1, 6):
         assert f"## Part {n}:" in text
     rows = report_rows(text)
@@ -64,7 +70,10 @@ def test_cpu_mode_runs_every_part_green_and_leaves_the_gpu_results_alone(tmp_pat
                  "steps, device, bf16 autocast, finite loss, checkpoint",
                  "gloo process group + DDP(tiny), 2 bf16-autocast steps, all_reduce of the loss",
                  "all_gather_object (of RNG states, as checkpoints do) and barrier",
-                 "teacher replica on cpu", "shards validate", "manifest has 8 rows, no failures"):
+                 "datagen run --executor local: 8 images, tiny random Depth Anything",  # part 4, always local
+                 f"datagen run --executor {'ray' if importlib.util.find_spec('ray') else 'local'}: 8 images, "
+                 "tiny random Depth Anything",  # part 5: Ray where it is installed
+                 "teacher on cpu", "shards validate", "manifest has 8 rows, no failures"):
         assert what in passed, what
     assert rows["brute on cpu: indices and offsets equal to the KD-tree's, 20 cases"][0] == "20/20 equal"
     assert rows["manifest has 8 rows, no failures"][0] == "8 rows, 0 failures"
@@ -89,7 +98,7 @@ def test_without_a_gpu_the_gpu_mode_exits_2_and_keeps_the_gpu_results(tmp_path):
 
 def test_a_part_past_its_time_limit_fails_the_run_and_the_report_is_still_written(tmp_path):
     report = tmp_path / "report.md"
-    proc = run_script("--cpu", "--parts", "3", "--budget", "0.005", "--out", str(report), timeout=120)
+    proc = run_script("--cpu", "--parts", "3", "--budget", "0.002", "--out", str(report), timeout=120)
     assert proc.returncode == 1, proc.stdout[-3000:]
     text = report.read_text()
     assert "## Part 3:" in text and report_rows(text)["part time limit"] == ("killed after 0 s", "FAIL")

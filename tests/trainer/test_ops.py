@@ -1,5 +1,7 @@
 """The two BP-Net ops against plain references written here, loop by loop."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,28 @@ def test_knn4_bucket_equals_exhaustive_on_random_maps(kind):
         for cell in (None, 1, 2, 5, 64):
             got = knn4_points_bucket(px, py, H, W, cell=cell, chunk_elems=int(rng.choice([40, 1 << 20])))
             assert torch.equal(got, ref), (kind, H, W, cell, flat.numel())
+
+
+def test_knn4_auto_on_the_cpu_without_scipy_takes_the_bucketed_search(monkeypatch):
+    """Where scipy is not installed (the GPU check's minimal environment), "auto" on the CPU takes the bucketed
+    search instead of the KD-tree: the same indices and offsets, and the trainer imports without scipy."""
+    rng = np.random.default_rng(3)
+    sparse = torch.from_numpy(sparse_map(20, 30, [(int(x), int(y)) for x, y in rng.integers(0, 20, (40, 2))]))[None, None]
+    ref = knn4(sparse, method="kdtree")
+    calls = []
+    bucket = ops.knn4_points_bucket
+    monkeypatch.setattr(ops, "knn4_points_bucket", lambda *a, **k: calls.append(1) or bucket(*a, **k))
+    for name in ("scipy", "scipy.spatial"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    ops.have_scipy.cache_clear()
+    try:
+        assert not ops.have_scipy()
+        idx, off = knn4(sparse)
+        with pytest.raises(ImportError):
+            knn4(sparse, method="kdtree")
+    finally:
+        ops.have_scipy.cache_clear()
+    assert calls and torch.equal(idx, ref[0]) and torch.equal(off, ref[1])
 
 
 def test_knn4_bucket_one_pixel_and_empty_images():
