@@ -163,6 +163,28 @@ def test_the_lease_lock_on_s3(s3_bucket, monkeypatch):
     assert json.loads(storage.read_bytes(f"{out}/.lock"))["token"] == "theirs"  # not deleted by the loser
 
 
+def test_a_lease_whose_create_was_retried_after_it_reached_the_store_is_ours(s3_bucket, monkeypatch):
+    """The conditional PUT of the lease reached the store but its reply was lost; the retried PUT finds an
+    object there. It holds this run's token, so the run holds the lock (it used to refuse itself: 'another
+    datagen run is writing ... pid <its own>')."""
+    out = f"{s3_bucket}/shards/synthetic"
+    real = storage.create_exclusive
+
+    def reply_lost(location, data):
+        real(location, data)
+        raise FileExistsError(location)  # what the retried request is answered
+
+    monkeypatch.setattr(storage, "create_exclusive", reply_lost)
+    with job_lock.job_lock(out) as lease:
+        assert json.loads(storage.read_bytes(f"{out}/.lock"))["token"] == lease.token
+    assert not storage.exists(f"{out}/.lock")
+    storage.write_bytes(f"{out}/.lock", json.dumps({"token": "theirs", "host": "elsewhere", "pid": 1,
+                                                    "renewed": time.time(), "lease_s": 120}).encode())
+    with pytest.raises(job_lock.LockBusy, match="host elsewhere"):  # someone else's is still refused
+        with job_lock.job_lock(out):
+            pass
+
+
 def test_runtime_env_ships_the_code_and_the_requirements():
     import datagen
     import shared
