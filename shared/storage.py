@@ -351,7 +351,16 @@ class ResumableReader(io.RawIOBase):
             first[0] = False
             return fn()
 
-        return _retry(attempt, f"stream {self.location} at byte {pos}")
+        try:
+            return _retry(attempt, f"stream {self.location} at byte {pos}")
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise OSError(f"{self.location}: read failed at byte {pos} after {retry_policy().attempts} attempts "
+                          f"({RETRY_ENV}): {type(exc).__name__}: {exc}") from exc
+
+    def __repr__(self) -> str:  # webdataset names the stream in its messages
+        return f"<{type(self).__name__} {self.location}>"
 
     def readable(self) -> bool:
         return True

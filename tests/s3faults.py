@@ -20,7 +20,7 @@ seeded generator, whether to fail it and how:
 
 Faults are transient by construction: the same request (method, path and query, Range) is failed at most
 `max_in_a_row` times running, so a client that retries at least `max_in_a_row + 1` times always gets
-through. Faults stop after `max_faults` faults or `fault_window_s` seconds (a bound on what a test can
+through (a large `max_in_a_row` with `match`, a pattern of the paths to fail, makes a persistent fault). Faults stop after `max_faults` faults or `fault_window_s` seconds (a bound on what a test can
 cost); the proxy keeps forwarding until it is closed. Faults only ever hit a request before the server
 acts on it, or the body of a read: a lost reply to a write the server did carry out (after which a retried
 CompleteMultipartUpload or conditional PUT would meet its own result) is not simulated.
@@ -96,13 +96,14 @@ class FaultProxy:
 
     def __init__(self, upstream: str, rate: float = 0.2, kinds: tuple[str, ...] = FAULTS, seed: int = 0,
                  stall_s: float = 2.0, max_in_a_row: int = 2, max_faults: int = 10_000,
-                 fault_window_s: float = 900.0):
+                 fault_window_s: float = 900.0, match: str | None = None):
         unknown = set(kinds) - set(FAULTS)
         if unknown or not kinds:
             raise ValueError(f"fault kinds are {FAULTS}, got {kinds}")
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.rate, self.kinds, self.stall_s = rate, tuple(kinds), stall_s
+        self.match = re.compile(match) if match else None  # fault only the requests whose path matches
         self.max_in_a_row, self.max_faults = max_in_a_row, max_faults
         self.fault_until = time.monotonic() + fault_window_s
         self._rng = random.Random(seed)
@@ -153,6 +154,8 @@ class FaultProxy:
             self.stats["requests"] += 1
             draw, pick = self._rng.random(), self._rng.random()
             kinds = [k for k in self.kinds if k != "truncate" or method == "GET"]
+            if self.match is not None and not self.match.search(path):
+                kinds = []
             if (draw >= self.rate or not kinds or self.stats["faults"] >= self.max_faults
                     or time.monotonic() > self.fault_until or self._running[ident] >= self.max_in_a_row):
                 self._running.pop(ident, None)
