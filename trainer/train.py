@@ -343,6 +343,8 @@ def train(cfg: TrainConfig) -> dict:
     out, master = Path(cfg.out), rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if removed := ckpt.remove_partial(out):  # left by a process killed inside a checkpoint write
+            log.info("removed %d partial file(s) of a killed run: %s", len(removed), ", ".join(removed))
 
     # model, EMA, optimizer: fresh, from --init, or from the latest checkpoint of --out (--resume)
     torch.manual_seed(cfg.seed)
