@@ -236,6 +236,19 @@ def restore_training(path: str | os.PathLike, ema, opt: torch.optim.Optimizer, r
     return TrainingState(int(state["step"]), int(state["samples_seen"]), data_start, rng)
 
 
+def torchrun_restart_hazard(environ: dict | None = None) -> str | None:
+    """Why a restart by torchrun may fail, or None. Restarts are how a DDP run survives a dead rank (--resume
+    continues from `latest`), but torchrun shares its TCPStore with the workers by default and keeps it from
+    one restart to the next, with the keys the workers wrote: a restarted rank can read its peer's address
+    from before the restart and fail to connect, or hang (seen with gloo on CPU)."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0:
+        return ("torchrun --max-restarts with its shared TCPStore: a restarted rank can read its peer's address "
+                "from before the restart and fail to connect or hang; run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/reliability.md)")
+    return None
+
+
 def set_rng_state(rng: dict, device: torch.device) -> None:
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and "cuda" in rng:

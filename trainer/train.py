@@ -142,6 +142,8 @@ def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        if rank == 0 and (hazard := ckpt.torchrun_restart_hazard()):
+            log.warning(hazard)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes")

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import write_shards
@@ -88,23 +89,44 @@ def restartable_run(shards: Path, out: Path, marks: Path, steps: int = 6, ckpt_e
            "--steps", str(steps), "--batch-size", "4", "--crop", "32x64", "--out", str(out), "--workers", "1",
            "--device", "cpu", "--threads", "1", "--quiet", "--log-every", "1", "--ckpt-every", str(ckpt_every),
            "--resume"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMD3C_TEST_MARKS": str(marks)}
+    # each restart its own TCPStore: torchrun's shared one keeps the workers' keys from one restart to the
+    # next, and a restarted rank can read its peer's old address (docs/reliability.md)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMD3C_TEST_MARKS": str(marks),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     if stall:
         env["DMD3C_TEST_STALL"] = stall
     log = open(marks / "torchrun.log", "w")  # noqa: SIM115 (the child holds it; closed with the process)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 400) -> int:
-    """Wait for a run; whatever happens, nothing of its process group outlives the test."""
+def kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=15)
+
+
+def finish(proc: subprocess.Popen, marks: Path, timeout: float = 400) -> int:
+    """Wait for a run; whatever happens, no process of it outlives the test (torchrun starts its workers in
+    sessions of their own: they are found by their pid files)."""
     try:
         return proc.wait(timeout=timeout)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(proc.pid)
         proc.wait()
+        for mark in marks.glob("rank*.pid"):
+            try:
+                if "ddp_child.py" in " ".join(psutil.Process(int(mark.read_text())).cmdline()):
+                    kill_tree(int(mark.read_text()))
+            except (psutil.Error, ValueError):
+                pass
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +160,7 @@ def test_a_rank_killed_inside_a_checkpoint_write_is_restarted_and_ends_with_the_
         os.kill(int(pid), signal.SIGKILL)
         assert (out / "latest").read_text().strip() == "ckpt-0000002"
     finally:
-        rc = finish(proc)
+        rc = finish(proc, marks)
     log = (marks / "torchrun.log").read_text()
     assert rc == 0, log[-3000:]
     assert {p.name for p in marks.glob("*.pid")} >= {"rank0-restart1.pid", "rank1-restart1.pid"}  # restarted
@@ -149,3 +171,14 @@ def test_a_rank_killed_inside_a_checkpoint_write_is_restarted_and_ends_with_the_
     for path in ckpt.list_checkpoints(out):  # every checkpoint on disk is whole
         ckpt.read_checkpoint(path, "ema")
         assert ckpt.read_state(path)["step"] == ckpt.read_metadata(path)["step"]
+
+
+def test_restarts_with_torchruns_shared_store_are_warned_about():
+    """torchrun keeps its shared TCPStore, and the workers' keys in it, from one restart to the next (a
+    restarted rank connected to its peer's old address and the run hung: bench/chaos.py's ddp_rank_kills
+    did); the trainer says what to set."""
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in ckpt.torchrun_restart_hazard(env)
+    assert ckpt.torchrun_restart_hazard({**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert ckpt.torchrun_restart_hazard({**env, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert ckpt.torchrun_restart_hazard({}) is None
