@@ -455,10 +455,13 @@ def scenario_object_store_faults(tmp: Path, rng: np.random.Generator, rate: floa
         fs.mkdir("chaos")
         results, seeds = {}, [int(x) for x in rng.integers(0, 2**31, 4)]
 
+        fault_log = {}
+
         def through_proxy(name: str, fault_rate: float, proxy_seed: int, cmd: list[str]) -> dict:
             with FaultProxy(moto.endpoint, rate=fault_rate, seed=proxy_seed, stall_s=2.0) as proxy:
                 rc, wall = run_logged(cmd, tmp / f"{name}.log", {**env, "AWS_ENDPOINT_URL": proxy.url})
                 stats = dict(proxy.stats)
+                fault_log[name] = list(proxy.log)
             check(rc == 0, f"{name}: exit {rc}: {(tmp / f'{name}.log').read_text()[-2000:]}")
             return {"seconds": round(wall, 1), "requests": stats.get("requests", 0),
                     "faults": {k: v for k, v in stats.items() if k not in ("requests",)}}
@@ -473,8 +476,16 @@ def scenario_object_store_faults(tmp: Path, rng: np.random.Generator, rate: floa
         check(not [x for x in names if ".tmp-" in x] and ".lock" not in names, f"left behind: {names}")
         for name in names:
             if name.endswith((".tar", ".parquet", ".rows.json")):
-                check(storage.read_bytes(f"{faulty}/{name}") == storage.read_bytes(f"{clean}/{name}"),
-                      f"{name} differs from the run without faults")
+                a, b = storage.read_bytes(f"{clean}/{name}"), storage.read_bytes(f"{faulty}/{name}")
+                if a != b:  # keep the evidence: both files, which members differ, the faults on that shard
+                    keep = Path(tempfile.mkdtemp(prefix="chaos-object-store-diff-"))
+                    (keep / f"clean-{name}").write_bytes(a)
+                    (keep / f"faulty-{name}").write_bytes(b)
+                    stem = name.split(".")[0]
+                    faults = [f for f in fault_log["datagen_faulty"] if stem in f[3]]
+                    check(False, f"{name} differs from the run without faults ({len(a)} vs {len(b)} bytes, "
+                                 f"first at byte {next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)}; "
+                                 f"faults on it: {faults}; both kept in {keep})")
         with storage.open_read(f"{faulty}/manifest.parquet") as f:
             check(pq.read_table(f).num_rows == n, "not every input is in the manifest")
         check(not fs.call_s3("list_multipart_uploads", Bucket="chaos").get("Uploads"), "unfinished uploads left")
