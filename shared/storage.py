@@ -33,13 +33,13 @@ from __future__ import annotations
 import errno
 import functools
 import http.client
+import importlib
 import io
 import logging
 import os
 import random
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -72,7 +72,6 @@ RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooMa
 RETRY_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET,
                           errno.ECONNABORTED, errno.EPIPE, errno.EAGAIN})  # s3fs's translations of the above
 PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-retry_counts: Counter = Counter()  # retries made by this process, by operation (for tests and benches)
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,6 @@ class RetryPolicy:
                         exc.add_note(f"{what}: gave up after {attempt} attempts ({RETRY_ENV})")
                     raise
                 delay = self.backoff(attempt)
-                retry_counts[what.split(" ", 1)[0]] += 1
                 log.info("%s: %s: %s; retry %d of %d in %.2f s", what, type(exc).__name__, exc, attempt,
                          self.attempts - 1, delay)
                 time.sleep(delay)
@@ -156,8 +154,6 @@ def retry_policy() -> RetryPolicy:
 def _transient_types() -> tuple[type, ...]:
     """Exception classes that mean "the connection or the reply broke", from whichever libraries are here."""
     found: list[type] = [ConnectionError, TimeoutError, http.client.IncompleteRead]  # reset, aborted, refused
-    import importlib
-
     for module, names in (
         ("botocore.exceptions", ("ConnectionError", "HTTPClientError", "IncompleteReadError", "ResponseStreamingError")),
         ("botocore.parsers", ("ResponseParserError",)),  # a throttling reply that is not valid XML
@@ -166,9 +162,9 @@ def _transient_types() -> tuple[type, ...]:
         ("fsspec.exceptions", ("FSTimeoutError",)),
     ):
         try:
-            found += [getattr(importlib.import_module(module), n) for n in names
-                      if isinstance(getattr(importlib.import_module(module), n, None), type)]
-        except ImportError:
+            found += [c for c in (getattr(importlib.import_module(module), n, None) for n in names)
+                      if isinstance(c, type)]
+        except ImportError:  # a library that is not installed raises nothing
             pass
     return tuple(found)
 
@@ -187,7 +183,7 @@ def is_transient(exc: BaseException) -> bool:
             return status in RETRY_STATUS or response.get("Error", {}).get("Code") in RETRY_CODES
         if type(exc) is OSError and exc.errno in RETRY_ERRNOS:  # s3fs's translation of a 5xx or throttling
             return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        exc, seen = exc.__cause__, seen + 1  # what the library wrapped (s3fs: the ClientError)
     return False
 
 
