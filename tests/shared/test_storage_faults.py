@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import io
-import tarfile
 
 import pytest
 
@@ -108,14 +107,15 @@ EXPECTED = {"read": b"one" * 1000, "stream": b"one" * 1000, "exists": (True, Fal
             "removed": 1, "after": ["a.bin", "sub/c.bin", "table.parquet"]}
 
 
-@pytest.mark.parametrize("kind", FAULTS)
-def test_every_operation_gets_through_each_kind_of_transient_fault(s3_bucket, fault_proxy, kind):
-    """A third of the requests fail (the same one up to twice running): nothing is lost or duplicated."""
-    proxy = fault_proxy(rate=0.35, kinds=(kind,), max_in_a_row=2, stall_s=0.3, seed=1)
-    got = every_operation(f"{s3_bucket}/ops")
-    got["glob"] = [u.removeprefix(f"{s3_bucket}/ops/") for u in got["glob"]]
-    assert got == {**EXPECTED, "glob": ["a.bin", "sub/b.bin"]}
-    assert proxy.stats[kind] >= (5 if kind != "truncate" else 2), proxy.stats  # the faults did happen
+def test_every_operation_gets_through_every_kind_of_transient_fault(s3_bucket, fault_proxy):
+    """A third of the requests fail, each kind several times (the same request up to twice running): every
+    operation gives what it gives without faults, nothing is lost or duplicated."""
+    proxy = fault_proxy(rate=0.35, kinds=FAULTS, max_in_a_row=2, stall_s=0.3, seed=11)
+    for run in ("one", "two"):
+        got = every_operation(f"{s3_bucket}/{run}")
+        got["glob"] = [u.removeprefix(f"{s3_bucket}/{run}/") for u in got["glob"]]
+        assert got == {**EXPECTED, "glob": ["a.bin", "sub/b.bin"]}, run
+    assert all(proxy.stats[kind] >= 2 for kind in FAULTS), proxy.stats  # the faults did happen
 
 
 def test_attempts_governs_every_layer(s3_bucket, fault_proxy, monkeypatch):
@@ -146,28 +146,21 @@ def test_a_throttled_store_is_not_taken_for_an_empty_one(s3_bucket, fault_proxy,
 
 
 def test_a_stream_cut_mid_object_resumes_at_its_byte(s3_bucket, fault_proxy, samples):
-    """A shard read in small ranges, every second range cut short: every sample once, in order, and the
-    stream was reopened (a restart from byte 0 or a dropped tail would change what is read)."""
+    """A shard read in small ranges, half of them cut short: the same bytes, and the stream was reopened
+    (a restart from byte 0 or a dropped tail would change what is read); the shard reads and validates."""
     buf = io.BytesIO()
-    for i in range(2):
-        with ShardWriter(f"{s3_bucket}/s/test-{i:06d}.tar") as w:
-            for s in samples:
-                w.write(s)
-    with ShardWriter(f"{s3_bucket}/local.tar") as w:
+    with ShardWriter(f"{s3_bucket}/s/test-000000.tar") as w:
         for s in samples:
             w.write(s)
-    data = storage.read_bytes(f"{s3_bucket}/local.tar")
+    data = storage.read_bytes(f"{s3_bucket}/s/test-000000.tar")
     proxy = fault_proxy(rate=0.5, kinds=("truncate",), max_in_a_row=2, seed=3)
-    with storage.open_read(f"{s3_bucket}/local.tar", block_size=4096) as f:
+    with storage.open_read(f"{s3_bucket}/s/test-000000.tar", block_size=4096) as f:
         while chunk := f.read(1000):
             buf.write(chunk)
         reopened = f.reopened
     assert buf.getvalue() == data and reopened > 0 and proxy.stats["truncate"] > 0
-    keys = [s.key for s in iter_samples(f"{s3_bucket}/s/")]
-    assert keys == [s.key for s in samples] * 2
-    assert validate_shard(f"{s3_bucket}/local.tar").ok
-    with storage.open_read(f"{s3_bucket}/local.tar", block_size=4096) as f, tarfile.open(fileobj=f, mode="r|") as t:
-        assert len([m for m in t if m.isfile()]) == 6 * len(samples)
+    assert [s.key for s in iter_samples(f"{s3_bucket}/s/")] == [s.key for s in samples]
+    assert validate_shard(f"{s3_bucket}/s/test-000000.tar").ok
 
 
 def test_an_object_replaced_during_a_read_is_not_mixed(s3_bucket, fault_proxy):
