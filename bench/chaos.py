@@ -1,6 +1,6 @@
 """Fault injection on real processes (`make chaos`): slower and harsher than the fault tests.
 
-    python bench/chaos.py                 # every scenario, about 10 minutes on 2 cores
+    python bench/chaos.py                 # every scenario, about 8-11 minutes on 2 cores
     python bench/chaos.py --only datagen_kills,ray_worker_kill --seed 1 --json chaos.json
 
 Scenarios (each prints PASS/FAIL and what it saw; the exit code is 1 if any failed):
