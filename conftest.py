@@ -1,4 +1,5 @@
-"""A real S3-protocol server for the object-storage tests: moto's standalone server on 127.0.0.1.
+"""A real S3-protocol server for the object-storage tests: moto's standalone server on 127.0.0.1, and, for
+the fault tests, a proxy in front of it that fails a set share of requests (tests/s3faults.py).
 
 One server for the whole pytest run (started on first use, stopped by its process id at the end); each test
 gets its own bucket. The standard AWS variables point s3fs/botocore at it, as a user's environment would:
@@ -8,11 +9,6 @@ nothing in the project is told about the server.
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
@@ -26,29 +22,19 @@ def s3_server(tmp_path_factory):
     """The endpoint URL of a moto S3 server, with AWS_* set for this process and the ones it starts."""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "w") as f:  # port 0: the server takes a free port and prints it
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    from tests.s3faults import MotoServer, aws_env
+
     try:
-        deadline = time.monotonic() + 60
-        while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto's S3 server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        endpoint = found.group(1)
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        server = MotoServer(tmp_path_factory.mktemp("moto") / "server.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
         with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
+            for k, v in aws_env(server.endpoint).items():
                 mp.setenv(k, v)
-            yield endpoint
+            yield server.endpoint
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the server and nothing else
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        server.stop()
 
 
 @pytest.fixture
@@ -59,3 +45,33 @@ def s3_bucket(s3_server) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", use_listings_cache=False).mkdir(name)
     return f"s3://{name}"
+
+
+def _forget_s3_clients() -> None:
+    """fsspec caches one filesystem (and its client, bound to an endpoint) per set of options: a test that
+    moves AWS_ENDPOINT_URL must drop them."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def fault_proxy(s3_server, monkeypatch):
+    """start(**FaultProxy options) -> a FaultProxy in front of the S3 server, with AWS_ENDPOINT_URL of this
+    process (and of the processes it starts) pointed at it. Every proxy is closed at the end of the test."""
+    from tests.s3faults import FaultProxy
+
+    proxies = []
+
+    def start(**options) -> FaultProxy:
+        proxy = FaultProxy(s3_server, **options)
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        _forget_s3_clients()
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    _forget_s3_clients()

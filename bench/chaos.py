@@ -1,6 +1,6 @@
 """Fault injection on real processes (`make chaos`): slower and harsher than the fault tests.
 
-    python bench/chaos.py                 # every scenario, about 3-5 minutes on 2 cores
+    python bench/chaos.py                 # every scenario, about 8-11 minutes on 2 cores
     python bench/chaos.py --only datagen_kills,ray_worker_kill --seed 1 --json chaos.json
 
 Scenarios (each prints PASS/FAIL and what it saw; the exit code is 1 if any failed):
@@ -19,6 +19,16 @@ Scenarios (each prints PASS/FAIL and what it saw; the exit code is 1 if any fail
 - disk_full / not_writable: `datagen run` into a 64 KiB tmpfs, into a read-only mount, into a path that is
   a file: exit code 1, a message naming the cause, no shard under its final name. Needs `mount` (root);
   skipped otherwise.
+- object_store_faults: moto's S3 server behind the fault proxy of tests/s3faults.py. `datagen run --out
+  s3://... --workers 2` and then `trainer pretrain --shards s3://... --workers 2`, each once with the proxy
+  failing no request and once with it failing 20% (503 SlowDown, 500, a reset mid-request, a body cut
+  mid-read, a 2 s stall), under the default retry policy. The faulty job must write the same shards
+  (bytes) and manifest, the faulty training read the same samples (same keys, same weights, none skipped);
+  reports how much slower the faulty runs were.
+- ddp_rank_kills: `torchrun --nproc-per-node 2 --max-restarts N` (CPU, gloo) of `trainer pretrain --resume`
+  checkpointing every step; one rank SIGKILLed several times: first inside a checkpoint write (rank 0,
+  stopped half-way through the weights), then at seeded random steps, a random rank each time. The run
+  must end with the weights and EMA of an uninterrupted 2-rank run, bit for bit, and no temporary file.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -411,9 +422,199 @@ def scenario_disk(tmp: Path, rng: np.random.Generator) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------------------
+# a throttling, flaky object store
+
+
+def run_logged(cmd: list[str], log: Path, env: dict, timeout: float = 900) -> tuple[int, float]:
+    """(exit code, seconds) of a command in its own process group, whose whole tree is killed afterwards."""
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc.pid)
+    return rc, time.monotonic() - t0
+
+
+def scenario_object_store_faults(tmp: Path, rng: np.random.Generator, rate: float = 0.2) -> dict:
+    import fsspec
+
+    from shared import storage
+    from tests.s3faults import FaultProxy, MotoServer, aws_env
+
+    n, shard, seed, size = 96, 4, 11, (128, 96)
+    moto = MotoServer(tmp / "moto.log")
+    saved = dict(os.environ)
+    try:
+        env = {**os.environ, **aws_env(moto.endpoint), "OMP_NUM_THREADS": "1"}
+        env.pop(storage.RETRY_ENV, None)  # the default policy
+        os.environ.update(aws_env(moto.endpoint))  # this process reads the results directly from moto
+        fs = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True)
+        fs.mkdir("chaos")
+        results, seeds = {}, [int(x) for x in rng.integers(0, 2**31, 4)]
+
+        fault_log = {}
+
+        def through_proxy(name: str, fault_rate: float, proxy_seed: int, cmd: list[str]) -> dict:
+            with FaultProxy(moto.endpoint, rate=fault_rate, seed=proxy_seed, stall_s=2.0) as proxy:
+                rc, wall = run_logged(cmd, tmp / f"{name}.log", {**env, "AWS_ENDPOINT_URL": proxy.url})
+                stats = dict(proxy.stats)
+                fault_log[name] = list(proxy.log)
+            check(rc == 0, f"{name}: exit {rc}: {(tmp / f'{name}.log').read_text()[-2000:]}")
+            return {"seconds": round(wall, 1), "requests": stats.get("requests", 0),
+                    "faults": {k: v for k, v in stats.items() if k not in ("requests",)}}
+
+        # datagen: the same job without and with faults
+        for name, fault_rate, proxy_seed in (("datagen_clean", 0.0, seeds[0]), ("datagen_faulty", rate, seeds[1])):
+            cmd = datagen_cmd(f"s3://chaos/{name}", n, shard, seed, size)
+            results[name] = through_proxy(name, fault_rate, proxy_seed, cmd)
+        clean, faulty = "s3://chaos/datagen_clean/synthetic", "s3://chaos/datagen_faulty/synthetic"
+        names = sorted(storage.listdir(faulty))
+        check(names == sorted(storage.listdir(clean)), "the faulty job's files differ from the clean job's")
+        check(not [x for x in names if ".tmp-" in x] and ".lock" not in names, f"left behind: {names}")
+        for name in names:
+            if name.endswith((".tar", ".parquet", ".rows.json")):
+                a, b = storage.read_bytes(f"{clean}/{name}"), storage.read_bytes(f"{faulty}/{name}")
+                if a != b:  # keep the evidence: both files, which members differ, the faults on that shard
+                    keep = Path(tempfile.mkdtemp(prefix="chaos-object-store-diff-"))
+                    (keep / f"clean-{name}").write_bytes(a)
+                    (keep / f"faulty-{name}").write_bytes(b)
+                    stem = name.split(".")[0]
+                    faults = [f for f in fault_log["datagen_faulty"] if stem in f[3]]
+                    check(False, f"{name} differs from the run without faults ({len(a)} vs {len(b)} bytes, "
+                                 f"first at byte {next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)}; "
+                                 f"faults on it: {faults}; both kept in {keep})")
+        with storage.open_read(f"{faulty}/manifest.parquet") as f:
+            check(pq.read_table(f).num_rows == n, "not every input is in the manifest")
+        check(not fs.call_s3("list_multipart_uploads", Bucket="chaos").get("Uploads"), "unfinished uploads left")
+
+        # trainer: the same training from those shards without and with faults
+        for name, fault_rate, proxy_seed in (("trainer_clean", 0.0, seeds[2]), ("trainer_faulty", rate, seeds[3])):
+            cmd = [sys.executable, "-m", "trainer.cli", "pretrain", "--shards", f"{clean}/", "--model", "tiny",
+                   "--steps", "40", "--batch-size", "4", "--crop", "64x96", "--workers", "2", "--ckpt-every", "40",
+                   "--log-every", "5", "--threads", "1", "--log-keys", "--quiet", "--out", str(tmp / name),
+                   "--json", str(tmp / f"{name}.json")]
+            results[name] = through_proxy(name, fault_rate, proxy_seed, cmd)
+            results[name]["skipped"] = json.loads((tmp / f"{name}.json").read_text())["skipped_samples"]
+        check(results["trainer_faulty"]["skipped"] == 0, "the faulty training skipped samples")
+        keys = {name: (tmp / name / "keys-rank0.tsv").read_text() for name in ("trainer_clean", "trainer_faulty")}
+        check(keys["trainer_clean"] == keys["trainer_faulty"], "the faulty training read other samples")
+        check(len({line.split("\t")[2] for line in keys["trainer_faulty"].splitlines()}) == n,
+              "an epoch did not read every sample")
+        a, b = (ckpt_weights(ckpt.latest_checkpoint(tmp / name)) for name in ("trainer_clean", "trainer_faulty"))
+        check(all(torch.equal(a[k], b[k]) for k in a), "the faulty training ended with other weights")
+        for what in ("datagen", "trainer"):
+            results[f"{what}_slowdown"] = round(results[f"{what}_faulty"]["seconds"]
+                                                / results[f"{what}_clean"]["seconds"], 2)
+        return results
+    finally:
+        moto.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a DDP rank that dies
+
+
+def ddp_cmd(shards: Path, out: Path, steps: int, max_restarts: int) -> list[str]:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun) if torchrun.exists() else sys.executable, *([] if torchrun.exists() else
+            ["-m", "torch.distributed.run"]), "--standalone", "--nproc-per-node", "2", "--max-restarts",
+            str(max_restarts), "--monitor-interval", "0.2", str(ROOT / "tests" / "trainer" / "ddp_child.py"),
+            "pretrain", "--shards", str(shards), "--model", "tiny", "--steps", str(steps), "--batch-size", "4",
+            "--crop", "32x64", "--out", str(out), "--workers", "1", "--device", "cpu", "--threads", "1", "--quiet",
+            "--log-every", "1", "--ckpt-every", "1", "--resume"]
+
+
+def last_step(run: Path) -> int:
+    rows = (run / "log.csv").read_text().splitlines()[1:] if (run / "log.csv").exists() else []
+    return int(rows[-1].split(",")[0]) if rows else 0
+
+
+def scenario_ddp_rank_kills(tmp: Path, rng: np.random.Generator, random_kills: int = 3, steps: int = 16) -> dict:
+    shards = tmp / "s"
+    write_train_shards(shards, 4, 3)
+    # torchrun's shared TCPStore keeps the workers' keys from one restart to the next: a restarted rank can
+    # read its peer's old address and fail to connect or hang (docs/reliability.md); each restart gets its own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    rc, ref_s = run_logged(ddp_cmd(shards, tmp / "ref", steps, 0), tmp / "ref.log",
+                           {**env, "DMD3C_TEST_MARKS": str(tmp)})
+    check(rc == 0, f"the uninterrupted run failed: {(tmp / 'ref.log').read_text()[-2000:]}")
+    want = ckpt_weights(ckpt.latest_checkpoint(tmp / "ref"))
+    out, marks = tmp / "run", tmp / "marks"
+    marks.mkdir()
+    stall_step = int(rng.integers(3, 7))
+    env = {**env, "DMD3C_TEST_MARKS": str(marks),
+           "DMD3C_TEST_STALL": f"ckpt-{stall_step:07d}.safetensors.tmp-:0:0"}
+    t0 = time.monotonic()
+    log = open(tmp / "killed.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(ddp_cmd(shards, out, steps, random_kills + 1), stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True, cwd=ROOT)
+    kills = []
+
+    def pid_of(rank: int, restart: int, deadline: float) -> int | None:
+        path = marks / f"rank{rank}-restart{restart}.pid"
+        while not (path.exists() and path.read_text()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        return int(path.read_text())
+
+    try:
+        deadline = time.monotonic() + 600
+        while not (marks / "in-write.pid").exists():  # kill 1: rank 0 inside a checkpoint write
+            check(proc.poll() is None and time.monotonic() < deadline, "the run never reached the write")
+            time.sleep(0.02)
+        pid, partial = (marks / "in-write.pid").read_text().split()
+        os.kill(int(pid), signal.SIGKILL)
+        kills.append({"restart": 0, "rank": 0, "step": last_step(out), "inside_write": Path(partial).name})
+        for restart in range(1, random_kills + 1):  # then at random steps, a random rank
+            rank = int(rng.integers(0, 2))
+            victim = pid_of(rank, restart, deadline)
+            if victim is None:
+                break
+            target = min(steps - 1, max(last_step(out), ckpt.read_state(ckpt.latest_checkpoint(out))["step"])
+                         + int(rng.integers(1, 4)))
+            while last_step(out) < target and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(float(rng.uniform(0, 0.4)))  # somewhere in the step (with its checkpoint)
+            if proc.poll() is not None:
+                break
+            os.kill(victim, signal.SIGKILL)
+            left = sorted(p.name for p in out.iterdir() if ".tmp-" in p.name)
+            kills.append({"restart": restart, "rank": rank, "step": last_step(out), "partial_files": left})
+        rc = proc.wait(timeout=600)
+    finally:
+        kill_tree(proc.pid)
+        for mark in marks.glob("rank*.pid"):  # torchrun's workers have their own sessions: one may outlive it
+            try:
+                if "ddp_child.py" in " ".join(psutil.Process(int(mark.read_text())).cmdline()):
+                    kill_tree(int(mark.read_text()))
+            except (psutil.Error, ValueError):
+                pass
+        log.close()
+    check(rc == 0, f"the restarted run failed (exit {rc}): {(tmp / 'killed.log').read_text()[-2000:]}")
+    restarts = max(int(p.stem.split("restart")[1]) for p in marks.glob("rank*-restart*.pid"))
+    check(restarts == len(kills), f"{len(kills)} kills but {restarts} restarts")
+    got = ckpt_weights(ckpt.latest_checkpoint(out))
+    check(ckpt.read_state(ckpt.latest_checkpoint(out))["step"] == steps, "the run did not reach its last step")
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    check(not differ, f"weights differ from the uninterrupted run: {differ[:3]}")
+    check(not [p for p in out.iterdir() if ".tmp-" in p.name], "a temporary file was left")
+    for path in ckpt.list_checkpoints(out):
+        ckpt_weights(path)
+        ckpt.read_state(path)
+    return {"kills": kills, "restarts": restarts, "uninterrupted_s": round(ref_s, 1),
+            "with_kills_s": round(time.monotonic() - t0, 1), "weights": "bitwise equal (model and EMA)"}
+
+
 SCENARIOS = {"datagen_kills": scenario_datagen_kills, "ray_worker_kill": scenario_ray_worker_kill,
              "trainer_ckpt_kill": scenario_trainer_ckpt_kill, "corrupt_during_training": scenario_corrupt_during_training,
-             "disk": scenario_disk}
+             "disk": scenario_disk, "object_store_faults": scenario_object_store_faults,
+             "ddp_rank_kills": scenario_ddp_rank_kills}
 
 
 def main() -> None:

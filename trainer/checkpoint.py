@@ -10,7 +10,8 @@ Layout under a run directory:
     latest                     the name of the newest complete checkpoint ("ckpt-0001000")
 
 Every file is written atomically (shared.fsutil.atomic_write_bytes), state first, weights second,
-`latest` last: a crash at any point leaves `latest` naming a complete pair. `save_training` and
+`latest` last: a crash at any point leaves `latest` naming a complete pair, and at most a temporary file
+(`*.tmp-<pid>`), which the next run in the directory deletes (`remove_partial`). `save_training` and
 `restore_training` are what the training loop calls: together they make resume exact (N steps straight
 == N/2 steps, stop, resume, N/2 steps).
 An export (`trainer export`) is one safetensors file with the EMA weights under their plain names.
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save
 
-from shared.fsutil import atomic_write_bytes
+from shared.fsutil import TMP_MARK, atomic_write_bytes
 from trainer.model import build_model, load_original_checkpoint
 
 log = logging.getLogger("trainer")
@@ -67,6 +68,18 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model_sd: dict, ema_s
         old.unlink(missing_ok=True)
         (out / f"state-{_step_of(old):07d}.pt").unlink(missing_ok=True)
     return out / f"{name}.safetensors"
+
+
+def remove_partial(out_dir: str | os.PathLike) -> list[str]:
+    """Delete the temporary files (`*.tmp-<pid>`) a killed writer left in a run directory; their names.
+    Called by rank 0 when a run starts, before any checkpoint of this run is written."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    partial = sorted(p for p in out.iterdir() if TMP_MARK in p.name and p.is_file())
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return [p.name for p in partial]
 
 
 def _step_of(path: Path) -> int:
@@ -221,6 +234,19 @@ def restore_training(path: str | os.PathLike, ema, opt: torch.optim.Optimizer, r
                     data["world_size"], world)
     rng = state["rng"][rank] if len(state["rng"]) == world else state["rng"][0]
     return TrainingState(int(state["step"]), int(state["samples_seen"]), data_start, rng)
+
+
+def torchrun_restart_hazard(environ: dict | None = None) -> str | None:
+    """Why a restart by torchrun may fail, or None. Restarts are how a DDP run survives a dead rank (--resume
+    continues from `latest`), but torchrun shares its TCPStore with the workers by default and keeps it from
+    one restart to the next, with the keys the workers wrote: a restarted rank can read its peer's address
+    from before the restart and fail to connect, or hang (seen with gloo on CPU)."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0:
+        return ("torchrun --max-restarts with its shared TCPStore: a restarted rank can read its peer's address "
+                "from before the restart and fail to connect or hang; run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/reliability.md)")
+    return None
 
 
 def set_rng_state(rng: dict, device: torch.device) -> None:

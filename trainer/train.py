@@ -155,6 +155,8 @@ def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        if rank == 0 and (hazard := ckpt.torchrun_restart_hazard()):
+            log.warning(hazard)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
@@ -376,6 +378,8 @@ def train(cfg: TrainConfig) -> dict:
     out, master = Path(cfg.out), rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if removed := ckpt.remove_partial(out):  # left by a process killed inside a checkpoint write
+            log.info("removed %d partial file(s) of a killed run: %s", len(removed), ", ".join(removed))
 
     # model, EMA, optimizer: fresh, from --init, or from the latest checkpoint of --out (--resume)
     torch.manual_seed(cfg.seed)

@@ -120,6 +120,8 @@ class Lease:
                 held = self.read()
                 if held is None:
                     continue  # released in between
+                if held.get("token") == self.token:
+                    break  # ours: a retried create whose first try reached the store (its reply was lost)
                 why = stale_reason(held)
                 if why is None:
                     age = time.time() - float(held.get("renewed", 0))

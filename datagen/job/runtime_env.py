@@ -11,13 +11,18 @@
     code   py_modules only: for an image that has the dependencies but not this project
     off    nothing: the cluster was built from an image with this project installed
 
-Nothing secret goes into the runtime environment (it is stored in the cluster's job table): nodes read
-object-store credentials from their own environment (an instance role, a Kubernetes secret, ~/.aws).
+The driver's DMD3C_STORAGE_RETRY (the object-store retry policy, shared/storage.py) goes with the code, as
+an environment variable of the workers (with `off`, set it in the nodes' environment). Nothing secret goes
+into the runtime environment (it is stored in the cluster's job table): nodes read object-store
+credentials from their own environment (an instance role, a Kubernetes secret, ~/.aws).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+
+from shared.storage import RETRY_ENV
 
 log = logging.getLogger("datagen")
 
@@ -64,6 +69,8 @@ def runtime_env(mode: str, joining_cluster: bool) -> dict | None:
     env = {"py_modules": [importlib.import_module(p).__path__[0] for p in SHIPPED_PACKAGES], "excludes": EXCLUDES}
     if mode in ("auto", "full"):
         env["pip"] = requirements()
+    if os.environ.get(RETRY_ENV):  # the driver's object-store retry policy holds on the nodes too
+        env["env_vars"] = {RETRY_ENV: os.environ[RETRY_ENV]}
     return env
 
 

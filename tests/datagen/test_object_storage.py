@@ -163,10 +163,33 @@ def test_the_lease_lock_on_s3(s3_bucket, monkeypatch):
     assert json.loads(storage.read_bytes(f"{out}/.lock"))["token"] == "theirs"  # not deleted by the loser
 
 
-def test_runtime_env_ships_the_code_and_the_requirements():
+def test_a_lease_whose_create_was_retried_after_it_reached_the_store_is_ours(s3_bucket, monkeypatch):
+    """The conditional PUT of the lease reached the store but its reply was lost; the retried PUT finds an
+    object there. It holds this run's token, so the run holds the lock (it used to refuse itself: 'another
+    datagen run is writing ... pid <its own>')."""
+    out = f"{s3_bucket}/shards/synthetic"
+    real = storage.create_exclusive
+
+    def reply_lost(location, data):
+        real(location, data)
+        raise FileExistsError(location)  # what the retried request is answered
+
+    monkeypatch.setattr(storage, "create_exclusive", reply_lost)
+    with job_lock.job_lock(out) as lease:
+        assert json.loads(storage.read_bytes(f"{out}/.lock"))["token"] == lease.token
+    assert not storage.exists(f"{out}/.lock")
+    storage.write_bytes(f"{out}/.lock", json.dumps({"token": "theirs", "host": "elsewhere", "pid": 1,
+                                                    "renewed": time.time(), "lease_s": 120}).encode())
+    with pytest.raises(job_lock.LockBusy, match="host elsewhere"):  # someone else's is still refused
+        with job_lock.job_lock(out):
+            pass
+
+
+def test_runtime_env_ships_the_code_and_the_requirements(monkeypatch):
     import datagen
     import shared
 
+    monkeypatch.delenv(storage.RETRY_ENV, raising=False)
     assert runtime_env("auto", joining_cluster=False) is None and runtime_env("off", joining_cluster=True) is None
     full = runtime_env("auto", joining_cluster=True)
     assert full["py_modules"] == [datagen.__path__[0], shared.__path__[0]]
@@ -175,6 +198,9 @@ def test_runtime_env_ships_the_code_and_the_requirements():
     assert "ray" not in names and "pytest" not in names and "safetensors" not in names  # not ray, not other extras
     assert full["pip"] == requirements()
     assert "pip" not in runtime_env("code", joining_cluster=True)
+    assert "env_vars" not in full
+    monkeypatch.setenv(storage.RETRY_ENV, "attempts=9")  # the retry policy goes to the nodes with the code
+    assert runtime_env("code", joining_cluster=True)["env_vars"] == {storage.RETRY_ENV: "attempts=9"}
     with pytest.raises(ValueError, match="--runtime-env"):
         runtime_env("everything", joining_cluster=True)
 
@@ -257,3 +283,61 @@ def test_a_job_to_s3_killed_and_rerun_equals_an_uninterrupted_run(tmp_path, s3_b
     for batch in make_loader(DataConfig(f"{job}/", batch_size=3, crop_hw=None, train=False, workers=0)):
         keys += batch["key"]
     assert sorted(keys) == sorted(s.key for s in iter_samples(str(ref_dir)))
+
+
+def local_reference(out, n: int = N, shard: int = SHARD):
+    """The job of ARGS written shard after shard in this process, without Ray (the bytes do not depend on it)."""
+    from datagen.job.pipeline import process_shard
+    from datagen.job.shard_files import write_tables
+    from datagen.teachers.runner import OracleTeacher
+
+    job = out / "synthetic"
+    job.mkdir(parents=True)
+    opts = {"width": 96, "height": 64, "seed": 4}
+    items = get_source("synthetic", None, count=n, **opts).items()
+    cfg = RunConfig(source="synthetic", source_options=opts, seed=4)
+    chunks = [items[i:i + shard] for i in range(0, n, shard)]
+    for i, chunk in enumerate(chunks):
+        process_shard(cfg, i, chunk, None, OracleTeacher().info(), str(job))
+    write_tables(job, [True] * len(chunks), "synthetic", [])
+    return job
+
+
+def test_a_job_to_a_throttling_flaky_store_writes_what_a_run_without_faults_writes(tmp_path, s3_bucket,
+                                                                                   fault_proxy, monkeypatch):
+    """`datagen run --out s3://... --workers 2` while a fifth of the requests of the driver and of its Ray
+    workers fail (503 SlowDown, 500, a reset mid-upload, a body cut mid-read, a stall): exit 0, every
+    input in the manifest, the same shards (byte for byte), manifest and job.json as the job written
+    without faults, and nothing temporary left (keys, unfinished uploads, the lease)."""
+    ref = local_reference(tmp_path / "ref")
+    monkeypatch.setenv(storage.RETRY_ENV, "attempts=5,base=0.05,max=0.5")
+    proxy = fault_proxy(rate=0.2, stall_s=0.5, seed=5)  # (make chaos stalls 2 s, on a larger job)
+    out = f"{s3_bucket}/shards"
+    log = tmp_path / "faulty.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "datagen.cli", "run", *ARGS, "--out", out, "--progress", "log"],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        try:  # the local Ray the driver started shares its process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc == 0, log.read_text()[-3000:]
+    job = f"{out}/synthetic"
+    names = storage.listdir(job)
+    assert not [n for n in names if TMP_MARK in n] and ".lock" not in names
+    assert sorted(n for n in names if n.endswith(".tar")) == sorted(p.name for p in ref.glob("*.tar"))
+    for p in ref.glob("*.tar"):
+        assert storage.read_bytes(f"{job}/{p.name}") == p.read_bytes(), p.name
+    manifest = read_table(f"{job}/manifest.parquet")
+    assert manifest == pq.read_table(ref / "manifest.parquet").to_pylist() and len(manifest) == N
+    assert read_table(f"{job}/failures.parquet") == []
+    assert json.loads(storage.read_bytes(f"{job}/job.json"))["source"] == "synthetic"
+    bucket = s3_bucket.removeprefix("s3://")
+    assert s3fs().call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    kinds = {k for k in ("503", "500", "reset", "truncate", "stall") if proxy.stats[k]}
+    assert proxy.stats["faults"] >= 10 and len(kinds) >= 4, proxy.stats  # the seed fixes the pattern
+    workers_hit = {path for _, _, method, path in proxy.log if method == "PUT" and ".tar" in path}
+    assert workers_hit, "no fault hit a shard upload (the Ray workers' requests)"

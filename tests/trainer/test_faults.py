@@ -110,7 +110,7 @@ def test_sigkill_during_each_checkpoint_write_keeps_the_previous_one_and_resume_
         got = weights(resumed["checkpoint"])
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=f"{which}: {k}")
-        assert not [p for p in run.iterdir() if ".tmp-" in p.name and p != partial[0]]
+        assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # the killed write's file was deleted
 
 
 def flip_png_member(shard: Path, member_suffix: str) -> str:
