@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.ops import VALID_DEPTH, knn4, local_conv
+from trainer.ops import VALID_DEPTH, knn4, propagate
 
 KITTI_RGB_MEAN = (90.9950, 96.2278, 94.3213)  # on the 0..255 scale, from the original's KITTI config
 KITTI_RGB_STD = (79.2382, 80.5267, 82.1483)
@@ -279,12 +279,18 @@ class BilateralPropagation(nn.Module):
         # tensors are laid out B x C x neighbours x pixels so that 1x1 convs act as the per-neighbour MLP
         B, C, H, W = feat.shape
         num, N = idx.shape[1], H * W
-        feat = feat.reshape(B, C, N)
         gather_idx = idx.reshape(B, 1, num * N)
-        own = feat.view(B, C, 1, N).expand(B, C, num, N)
-        nbr = torch.gather(feat, 2, gather_idx.expand(B, C, num * N)).view(B, C, num, N)
         nbr_pts = torch.gather(points, 2, gather_idx.expand(B, points.shape[1], num * N)).view(B, -1, num, N)
-        x = self.convXF(torch.cat([own, nbr, nbr_pts, offset], dim=1))
+        # The MLP's first 1x1 conv is linear in its input [own feature, neighbour feature, neighbour point,
+        # offset]. Its feature parts are applied to the N pixels once, the neighbour part gathered after
+        # (a 1x1 conv commutes with the gather), instead of to 4 x N gathered copies: the same sums in
+        # another order, about 3x fewer multiplies at bpnet-s widths, and no (2C + 5)-channel copy.
+        first = self.convXF[0].conv
+        w = first.conv.weight
+        own_nbr = F.conv2d(feat, torch.cat([w[:, :C], w[:, C:2 * C]])).reshape(B, 2 * C, N)
+        nbr = torch.gather(own_nbr[:, C:], 2, gather_idx.expand(B, C, num * N)).view(B, C, num, N)
+        x = F.conv2d(torch.cat([nbr_pts, offset], dim=1), w[:, 2 * C:]) + nbr + own_nbr[:, :C, None]
+        x = self.convXF[1](first.relu(first.bn(x)))
         x = self.act(x + self.convXL(x))
         alpha, beta, omega = torch.split(self.coef.conv(x), 1, dim=1)
         omega = torch.softmax(omega, dim=2)
@@ -329,8 +335,12 @@ class KernelHead(nn.Module):
         self.eps = eps
         self.conv = nn.Sequential(ConvBNAct(c, c), ConvBNAct(c, k * k - 1, act=nn.Identity()))
 
+    def raw(self, feat: Tensor) -> Tensor:
+        """The k*k-1 weights before the normalisation (trainer.ops.propagate normalises them itself)."""
+        return self.conv(feat)
+
     def forward(self, feat: Tensor) -> Tensor:
-        w = self.conv(feat)
+        w = self.raw(feat)
         w = w / (w.abs().sum(dim=1, keepdim=True) + self.eps)
         centre = 1 - w.sum(dim=1, keepdim=True)
         half = w.shape[1] // 2
@@ -356,16 +366,14 @@ class CSPN(nn.Module):
         return in_float32(self._forward, feat, depth, sparse)
 
     def _forward(self, feat: Tensor, h: Tensor, h0: Tensor) -> Tensor:
-        kernels = [self.weight3x3(feat), self.weight5x5(feat), self.weight7x7(feat)]
+        heads = [self.weight3x3, self.weight5x5, self.weight7x7]
         masks = torch.split(self.convmask(feat) * (h0 > VALID_DEPTH).float(), 1, dim=1)
         confs = torch.split(self.convck(feat), 1, dim=1)
-        hs = [h, h, h]
-        states = [h]
-        for i in range(self.iters):
-            hs = [(1.0 - m) * local_conv(hk, w) + m * h0 for hk, w, m in zip(hs, kernels, masks, strict=True)]
-            if i == self.iters // 2 - 1:
-                states.append(confs[0] * hs[0] + confs[1] * hs[1] + confs[2] * hs[2])
-        states.append(confs[0] * hs[0] + confs[1] * hs[1] + confs[2] * hs[2])
+        # each kernel's chain of steps x <- (1 - m) * local_conv(x, kernel) + m * h0, as one op
+        mid, end = zip(*[propagate(h, h0, head.raw(feat), m, self.iters, head.eps)
+                         for head, m in zip(heads, masks, strict=True)], strict=True)
+        states = [h, confs[0] * mid[0] + confs[1] * mid[1] + confs[2] * mid[2],
+                  confs[0] * end[0] + confs[1] * end[1] + confs[2] * end[2]]
         states = torch.cat(states, dim=1)
         blend = self.convct(torch.cat([feat, states], dim=1))
         return torch.sum(blend * states, dim=1, keepdim=True)
