@@ -19,6 +19,8 @@ from trainer.model import (
     backproject,
     build_model,
     config_from_dict,
+    fold_batchnorm,
+    for_inference,
     load_original_checkpoint,
     model_config_dict,
     normalize_rgb,
@@ -322,3 +324,26 @@ def test_cspn_equals_the_step_by_step_reference(iters):
     for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(ref.square().sum(), params),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["tiny", "bpnet-s"])
+def test_inference_network_equals_the_eval_network(name):
+    """for_inference (norms folded into the convs, channels-last on a CPU) computes what eval mode does."""
+    import copy
+
+    torch.manual_seed(0)
+    model = with_random_norms(build_model(name)).double()
+    rgb, sparse, K = (t.double() for t in inputs(B=2, n_points=150, seed=3))
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.momentum = 0.5
+        model.train()(rgb, sparse, K)  # running statistics that are not 0 and 1
+        ref = model.eval()(rgb, sparse, K)
+        folded = fold_batchnorm(copy.deepcopy(model))
+        fast = for_inference(copy.deepcopy(model))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) and fast.channels_last
+        for net in (folded, fast):
+            for a, b in zip(net(rgb, sparse, K), ref, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the geometry stays float32 in the fast network too
+            assert torch.isfinite(fast.float()(rgb.float(), sparse.float(), K.float())[-1]).all()
