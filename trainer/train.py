@@ -128,6 +128,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups. fused: one kernel over all parameters, on a CPU as on a GPU (3x faster than
+    the per-tensor loop for bpnet-s; the same update up to float rounding)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+
+
 def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) of this process: checks the settings that must fail before any work (stage,
     crop, fine-tuning loss, batch split), initialises the process group under torchrun, picks the device and
@@ -353,10 +359,7 @@ def train(cfg: TrainConfig) -> dict:
     raw_model, model_name, convention = build_initial_model(cfg, resume_from)
     raw_model.to(device)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
-    # fused: one kernel over all parameters, on a CPU as on a GPU (3x faster than the per-tensor loop for
-    # bpnet-s; the same update up to float rounding)
-    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            fused=True)
+    opt = make_optimizer(raw_model, cfg)
     state = ckpt.restore_training(resume_from, ema, opt, rank, world) if resume_from else ckpt.TrainingState()
     model = raw_model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         raw_model, device_ids=[device.index] if device.type == "cuda" else None)
