@@ -10,7 +10,9 @@ and the others still run):
               DepthTeacher, fp32 vs bf16: images/s at 518 px for batch 1, 8, 32 (end to end and forward
               only), the share of the processor's pre-processing, bf16 vs fp32 difference, peak memory
   2 trainer   bpnet (89.9M) forward+backward at 256x1216, batch 2, bf16 autocast as trainer/train.py:
-              s/step, peak memory, finite loss; eval forward on the GPU vs the CPU on 64x96 (fp32)
+              s/step, peak memory, finite loss; eval forward on the GPU vs the CPU on 64x96 (fp32); the
+              fused CSPN chain (trainer.ops.propagate) and the folded inference network against their
+              step-by-step references on the GPU
   3 knn4      every method of trainer.ops.knn4 on CUDA vs the CPU KD-tree (where scipy is missing: the CPU
               bucketed search): identical indices on 20 random cases (ties, <4 points, empty), time at
               256x1216 / 15k points and 1248x1408 / 60k points
@@ -445,6 +447,57 @@ def part_trainer(rows: Rows, s: Sizes, work: Path) -> None:
         if dev.type == "cuda":
             rows.measure("the same with torch's default TF32 settings", f"{rel_diff():.2e}",
                          f"cudnn.allow_tf32={tf32[1]}, matmul.allow_tf32={tf32[0]}")
+
+    with rows.step("the fused CSPN chain and the inference network on the device"):
+        fused_paths_on_device(rows, s, dev)
+
+
+def fused_paths_on_device(rows: Rows, s: Sizes, dev) -> None:
+    """trainer.ops.propagate (one CSPN chain in one autograd node) against the chain written out with
+    KernelHead's normalisation and local_conv, forward and gradients; trainer.model.for_inference (norms
+    folded into the convolutions) against eval mode; both on the device, fp32, TF32 off."""
+    import copy
+
+    import torch
+
+    from trainer.model import build_model, for_inference, network_inputs
+    from trainer.ops import local_conv, propagate
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        g = torch.Generator().manual_seed(3)
+        h, w = s.eval_hw
+        k, steps = 7, 6
+        x = (torch.rand(2, 1, h, w, generator=g) * 30 + 2).to(dev).requires_grad_()
+        h0 = torch.where(torch.rand(2, 1, h, w, generator=g) < 0.05, 20.0, 0.0).to(dev)
+        raw = torch.randn(2, k * k - 1, h, w, generator=g).to(dev).requires_grad_()
+        m = torch.rand(2, 1, h, w, generator=g).to(dev).requires_grad_()
+        v = raw / (raw.abs().sum(1, keepdim=True) + 1e-6)
+        kernel = torch.cat([v[:, :k * k // 2], 1 - v.sum(1, keepdim=True), v[:, k * k // 2:]], 1)
+        ref = x
+        for _ in range(steps):
+            ref = (1 - m) * local_conv(ref, kernel) + m * h0
+        out = propagate(x, h0, raw, m, steps)[1]
+        fwd = float((out - ref).abs().max() / ref.abs().max())
+        g_out = torch.autograd.grad(out.square().sum(), (x, raw, m))
+        g_ref = torch.autograd.grad(ref.square().sum(), (x, raw, m))
+        bwd = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_out, g_ref, strict=True))
+        rows.check(f"propagate (7x7, {steps} steps, {h}x{w}) vs the step-by-step chain, relative difference "
+                   f"<= {EVAL_TOL:g}", max(fwd, bwd) <= EVAL_TOL, f"forward {fwd:.1e}, gradients {bwd:.1e}")
+
+        torch.manual_seed(1)
+        model = build_model(s.model).to(dev).eval()
+        b = synthetic_batch(1, h, w, "cpu", seed=2)
+        rgb, sparse, _ = network_inputs(b["rgb_raw"], b["sparse"])
+        with torch.no_grad():
+            ref_out = model(rgb.to(dev), sparse.to(dev), b["K"].to(dev))
+            fast_out = for_inference(copy.deepcopy(model))(rgb.to(dev), sparse.to(dev), b["K"].to(dev))
+        diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fast_out, ref_out, strict=True))
+        rows.check(f"for_inference (norms folded) vs eval mode, {h}x{w}, relative difference <= {EVAL_TOL:g}",
+                   diff <= EVAL_TOL, f"{diff:.2e}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 # -----------------------------------------------------------------------------

@@ -17,10 +17,11 @@ Markdown table per area, every measurement beside its naive reference from the s
     teacher        batched DepthTeacher vs one image at a time (CPU; and GPU when there is one); the teacher
                    actor's CPU per image outside the forward pass, before / after the pre-processing moved out
     loader         samples/s at 0, 1, 2 DataLoader workers vs in-process
+    training       samples/s of a training step, old (bench/legacy.py) vs new in one process, peak memory, and
+                   the losses' agreement (quick: tiny and bpnet-s at the cpu preset; with --full also fine-tuning,
+                   bpnet at 256x320 and bpnet's forward at 352x1216)
     rescan         one loader worker with a new scan per frame (trainer pretrain --lidar) vs the stored scans,
                    against a training step's consumption; the caster on rough vs smooth surfaces
-    training       samples/s per network (forward + backward + AdamW), vs the tiny network (quick: tiny and
-                   bpnet-s; the 90M-parameter bpnet with --full)
     ops            4-NN bucketed and KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
     calibration    the oracle teacher's AbsRel and delta1 per scene family vs Depth Anything V2's published ones
 
@@ -49,7 +50,7 @@ SCRIPTS = {
     "scan_fidelity": ("scan_fidelity.py", [], 300),
     "datagen": ("datagen.py", [], 360),
     "teacher": ("teacher.py", [], 180),
-    "train": ("train.py", [], 420),
+    "train": ("train.py", [], 600),
     "rescan": ("rescan.py", [], 420),
     "ops": ("ops.py", [], 240),
     "calibration": ("teacher_calibration.py", [], 300),
@@ -192,12 +193,10 @@ def md_rescan(d: dict) -> str:
 
 
 def md_training(d: dict) -> str:
-    tiny = next((r for r in d["models"] if r["model"] == "tiny"), None)
-    rows = [[r["model"], fmt(r["params_m"]), r["batch"], r["hw"], fmt(r["s_per_step"], 3), fmt(r["samples_per_s"]),
-             fmt(r["peak_mib"], 0), ratio(r["samples_per_s"] / tiny["samples_per_s"]) if tiny else ""]
-            for r in d["models"]]
-    return table(["model", "params (M)", "batch", "frame", "s/step (best)", "samples/s", "peak MiB over baseline",
-                  "vs tiny"], rows)
+    spec = importlib.util.spec_from_file_location("bench_train", HERE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.markdown(d)
 
 
 def md_ops(d: dict) -> str:

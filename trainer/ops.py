@@ -420,3 +420,96 @@ def local_conv(x: Tensor, weight: Tensor, k: int | None = None) -> Tensor:
     if k % 2 != 1 or weight.shape != (B, C * k * k, H, W):
         raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} with odd k={k}")
     return _LocalConv.apply(x.contiguous(), weight.contiguous(), k)
+
+
+# -----------------------------------------------------------------------------
+# the CSPN's propagation steps, fused
+
+
+def _taps(v: Tensor, centre: Tensor, k: int) -> list[Tensor]:
+    """The k*k per-pixel weights in kernel order (row, then column): the k*k-1 maps of v around the centre."""
+    half = (k * k - 1) // 2
+    return [centre if t == half else v[:, t - (t > half):t - (t > half) + 1] for t in range(k * k)]
+
+
+class _Propagate(torch.autograd.Function):
+    """All steps of one CSPN chain in one autograd node (see `propagate`).
+
+    The forward runs the operations of the kernel's normalisation (the original's GenKernel), then per
+    step `local_conv`'s shifted multiply-adds and the mask blend, in their order, so its values are those
+    of that composition. The backward is written out: the weights' gradient accumulates in one buffer over
+    the steps (autograd would keep a k*k-channel gradient per step and add them up), and the
+    normalisation's backward is a few passes instead of autograd's chain through abs, sum, division,
+    centre and concatenation. Saved: the raw and normalised weights and two maps per step.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, h0: Tensor, w: Tensor, m: Tensor, steps: int, mid: int, eps: float):
+        B, T, H, W = w.shape
+        k = int(round((T + 1) ** 0.5))
+        r = k // 2
+        v = w / (w.abs().sum(dim=1, keepdim=True) + eps)
+        taps = _taps(v, 1 - v.sum(dim=1, keepdim=True), k)
+        xs, outs, x, x_mid = [], [], h, None
+        for i in range(steps):
+            xp = F.pad(x, (r, r, r, r))
+            out = torch.zeros_like(x)
+            for u in range(k):
+                for c in range(k):
+                    out.addcmul_(xp[:, :, u:u + H, c:c + W], taps[u * k + c])
+            xs.append(x)
+            outs.append(out)
+            x = (1.0 - m) * out + m * h0
+            if i == mid:
+                x_mid = x
+        ctx.steps, ctx.mid, ctx.k, ctx.eps = steps, mid, k, eps
+        ctx.save_for_backward(w, v, m, h0, *xs, *outs)
+        return x_mid, x
+
+    @staticmethod
+    def backward(ctx, g_mid: Tensor, g_end: Tensor):
+        w, v, m, h0, *rest = ctx.saved_tensors
+        steps, mid, k = ctx.steps, ctx.mid, ctx.k
+        xs, outs = rest[:steps], rest[steps:]
+        B, _, H, W = w.shape
+        r = k // 2
+        gv, gc = torch.zeros_like(v), torch.zeros_like(m)  # gradients of the k*k-1 weights and the centre
+        g_taps = _taps(gv, gc, k)
+        taps = _taps(v, 1 - v.sum(dim=1, keepdim=True), k)
+        keep = 1.0 - m
+        gx, gm, gh0 = g_end.contiguous(), torch.zeros_like(m), torch.zeros_like(m)
+        for i in range(steps - 1, -1, -1):  # gx: the gradient of the state after step i
+            if i == mid:
+                gx = gx + g_mid
+            gm.addcmul_(gx, h0 - outs[i])
+            gh0.addcmul_(gx, m)
+            g_out = gx * keep
+            xp = F.pad(xs[i], (r, r, r, r))
+            gxp = g_out.new_zeros(B, 1, H + 2 * r, W + 2 * r)
+            for u in range(k):
+                for c in range(k):
+                    g_taps[u * k + c].addcmul_(xp[:, :, u:u + H, c:c + W], g_out)
+                    gxp[:, :, u:u + H, c:c + W].addcmul_(g_out, taps[u * k + c])
+            gx = gxp[:, :, r:r + H, r:r + W]
+        # centre = 1 - sum(v): its gradient reaches every v; v = w / S with S = sum |w| + eps:
+        # d/dw_t = (G_t - sign(w_t) * sum_u G_u v_u) / S
+        g = gv.sub_(gc)
+        s = w.abs().sum(dim=1, keepdim=True) + ctx.eps
+        gw = (g - torch.sign(w) * (g * v).sum(dim=1, keepdim=True)) / s
+        return gx.contiguous(), gh0, gw, gm, None, None, None
+
+
+def propagate(h: Tensor, h0: Tensor, w: Tensor, m: Tensor, steps: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """One CSPN chain of BP-Net: the states after step steps // 2 and after the last step of
+
+        x_0 = h,   x_{i+1} = (1 - m) * local_conv(x_i, K) + m * h0,
+
+    K the per-pixel kernel of the raw head output w (B x (k*k-1) x H x W): w / (sum |w| + eps) around a
+    centre of 1 - the sum of those (the original's GenKernel, trainer.model.KernelHead). h, h0, m:
+    B x 1 x H x W. The same values as that composition, in one autograd node (see _Propagate).
+    """
+    if h.shape[1] != 1 or w.dim() != 4 or int(round((w.shape[1] + 1) ** 0.5)) ** 2 != w.shape[1] + 1:
+        raise ValueError(f"propagate takes a 1-channel state and k*k-1 weights, got {tuple(h.shape)}, {tuple(w.shape)}")
+    if steps < 2:
+        raise ValueError("propagate needs at least 2 steps (a midway and a last state)")
+    return _Propagate.apply(h.contiguous(), h0.contiguous(), w.contiguous(), m.contiguous(), steps, steps // 2 - 1, eps)

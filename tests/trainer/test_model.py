@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from trainer.model import (
+    CSPN,
     MODEL_PRESETS,
     MULTISCALE_WEIGHTS,
+    BilateralPropagation,
     BPNet,
     KernelHead,
     ModelConfig,
@@ -17,10 +19,13 @@ from trainer.model import (
     backproject,
     build_model,
     config_from_dict,
+    fold_batchnorm,
+    for_inference,
     load_original_checkpoint,
     model_config_dict,
     normalize_rgb,
 )
+from trainer.ops import knn4, local_conv
 
 # Every tensor name and shape of the original BP-Net (from the project's shared notes), kept in the
 # repository so that this test runs on any clone.
@@ -239,3 +244,106 @@ def test_normalize_rgb_matches_the_original_formula():
     expected = [(0 - 90.9950) / 79.2382, (128 - 96.2278) / 80.5267, (255 - 94.3213) / 82.1483]
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.flatten().numpy(), np.float32(expected), rtol=0, atol=0)
+
+
+def with_random_norms(module, seed=0):
+    """Untrained BN layers are the identity up to their batch statistics; random affine parameters make
+    a comparison see every weight."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return module
+
+
+def reference_bilateral(prop, feat, points, offset, idx):
+    """BilateralPropagation as the original writes it: the MLP on the concatenated [own feature, gathered
+    neighbour feature, neighbour point, offset] of every pixel's 4 neighbours."""
+    B, C, H, W = feat.shape
+    num, N = idx.shape[1], H * W
+    feat = feat.reshape(B, C, N)
+    gather_idx = idx.reshape(B, 1, num * N)
+    own = feat.view(B, C, 1, N).expand(B, C, num, N)
+    nbr = torch.gather(feat, 2, gather_idx.expand(B, C, num * N)).view(B, C, num, N)
+    nbr_pts = torch.gather(points, 2, gather_idx.expand(B, 3, num * N)).view(B, 3, num, N)
+    x = prop.convXF(torch.cat([own, nbr, nbr_pts, offset], dim=1))
+    x = prop.act(x + prop.convXL(x))
+    alpha, beta, omega = torch.split(prop.coef.conv(x), 1, dim=1)
+    omega = torch.softmax(omega, dim=2)
+    return torch.sum(((alpha + 1) * nbr_pts[:, -1:] + beta) * omega, dim=2, keepdim=True).view(B, 1, H, W)
+
+
+def test_bilateral_propagation_equals_the_concatenated_mlp():
+    # the module applies the first 1x1 conv to the pixels before gathering: the same sums, reordered
+    torch.manual_seed(0)
+    prop = with_random_norms(BilateralPropagation(6)).double().train()
+    g = torch.Generator().manual_seed(1)
+    feat = torch.randn(2, 6, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    sparse = torch.where(torch.rand(2, 1, 5, 8, generator=g) < 0.2, 3.0, 0.0).double()
+    idx, offset = knn4(sparse)
+    points = (torch.randn(2, 3, 40, generator=g, dtype=torch.float64) * 20).requires_grad_()
+    got = prop(feat, points, offset, idx)
+    ref = reference_bilateral(prop, feat, points, offset, idx)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    params = [feat, points, *prop.parameters()]
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(ref.square().sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def reference_cspn(cspn, feat, h, h0):
+    """CSPN as the original writes it: normalised kernels from the heads, then every step of the three
+    chains with local_conv, the confidences blending the midway and final states."""
+    kernels = [cspn.weight3x3(feat), cspn.weight5x5(feat), cspn.weight7x7(feat)]
+    masks = torch.split(cspn.convmask(feat) * (h0 > 1e-3).float(), 1, dim=1)
+    confs = torch.split(cspn.convck(feat), 1, dim=1)
+    hs, states = [h, h, h], [h]
+    for i in range(cspn.iters):
+        hs = [(1.0 - m) * local_conv(hk, w) + m * h0 for hk, w, m in zip(hs, kernels, masks, strict=True)]
+        if i == cspn.iters // 2 - 1:
+            states.append(confs[0] * hs[0] + confs[1] * hs[1] + confs[2] * hs[2])
+    states.append(confs[0] * hs[0] + confs[1] * hs[1] + confs[2] * hs[2])
+    states = torch.cat(states, dim=1)
+    blend = cspn.convct(torch.cat([feat, states], dim=1))
+    return torch.sum(blend * states, dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("iters", [2, 5])
+def test_cspn_equals_the_step_by_step_reference(iters):
+    torch.manual_seed(iters)
+    cspn = with_random_norms(CSPN(4, iters), seed=iters).double().train()
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(2, 4, 6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    h = (torch.rand(2, 1, 6, 9, generator=g, dtype=torch.float64) * 30 + 2).requires_grad_()
+    h0 = torch.where(torch.rand(2, 1, 6, 9, generator=g) < 0.3, h.detach(), 0.0)
+    got, ref = cspn(feat, h, h0), reference_cspn(cspn, feat, h, h0)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    params = [feat, h, *cspn.parameters()]
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(ref.square().sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["tiny", "bpnet-s"])
+def test_inference_network_equals_the_eval_network(name):
+    """for_inference (norms folded into the convs, channels-last on a CPU) computes what eval mode does."""
+    import copy
+
+    torch.manual_seed(0)
+    model = with_random_norms(build_model(name)).double()
+    rgb, sparse, K = (t.double() for t in inputs(B=2, n_points=150, seed=3))
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.momentum = 0.5
+        model.train()(rgb, sparse, K)  # running statistics that are not 0 and 1
+        ref = model.eval()(rgb, sparse, K)
+        folded = fold_batchnorm(copy.deepcopy(model))
+        fast = for_inference(copy.deepcopy(model))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) and fast.channels_last
+        for net in (folded, fast):
+            for a, b in zip(net(rgb, sparse, K), ref, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the geometry stays float32 in the fast network too
+            assert torch.isfinite(fast.float()(rgb.float(), sparse.float(), K.float())[-1]).all()

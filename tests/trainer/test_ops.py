@@ -1,4 +1,4 @@
-"""The two BP-Net ops against plain references written here, loop by loop."""
+"""The BP-Net ops against plain references written here, loop by loop."""
 
 import sys
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import trainer.ops as ops
-from trainer.ops import knn4, knn4_points_brute, knn4_points_bucket, local_conv
+from trainer.ops import knn4, knn4_points_brute, knn4_points_bucket, local_conv, propagate
 
 
 def reference_knn4(sparse: np.ndarray):
@@ -239,3 +239,62 @@ def test_local_conv_gradcheck(k):
 def test_local_conv_rejects_bad_layout():
     with pytest.raises(ValueError):
         local_conv(torch.zeros(1, 2, 4, 4), torch.zeros(1, 9, 4, 4), 3)
+
+
+def reference_chain(h, h0, w, m, steps, eps=1e-6):
+    """One CSPN chain as the original writes it: GenKernel's normalisation, then per step local_conv and
+    the mask blend; the states after step steps // 2 and after the last."""
+    v = w / (w.abs().sum(dim=1, keepdim=True) + eps)
+    half = v.shape[1] // 2
+    kernel = torch.cat([v[:, :half], 1 - v.sum(dim=1, keepdim=True), v[:, half:]], dim=1)
+    x, mid = h, None
+    for i in range(steps):
+        x = (1.0 - m) * local_conv(x, kernel) + m * h0
+        if i == steps // 2 - 1:
+            mid = x
+    return mid, x
+
+
+def chain_inputs(k, dtype, seed=0, B=2, H=5, W=7):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(B, 1, H, W, generator=g, dtype=dtype) * 30 + 2
+    h0 = torch.where(torch.rand(B, 1, H, W, generator=g) < 0.3, h, 0).to(dtype)
+    w = torch.randn(B, k * k - 1, H, W, generator=g, dtype=dtype)
+    w[0, 0, 0, 0] = 0.0  # |w| has a kink at 0: the gradient there is sign(0) = 0, as autograd's
+    m = torch.rand(B, 1, H, W, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (h, h0, w, m)]
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("steps", [2, 3, 6])
+def test_propagate_equals_the_step_by_step_chain(k, steps):
+    # float32: the forward runs the same operations in the same order, so it is bitwise the reference's;
+    # the hand-written backward sums in another order, so its gradients agree to rounding
+    inputs = chain_inputs(k, torch.float32, seed=k * 10 + steps)
+    got, ref = propagate(*inputs, steps), reference_chain(*inputs, steps)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+    def grads(outs):
+        loss = 0.3 * outs[0].sum() + (outs[1] ** 2).sum()  # both outputs carry a gradient
+        return torch.autograd.grad(loss, inputs)
+
+    for a, b in zip(grads(got), grads(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_propagate_gradcheck(k):
+    inputs = chain_inputs(k, torch.float64, seed=k, H=4, W=5)
+    assert torch.autograd.gradcheck(lambda *a: propagate(*a, 4), inputs)
+    got = torch.autograd.grad(sum(o.sum() for o in propagate(*inputs, 4)), inputs)
+    ref = torch.autograd.grad(sum(o.sum() for o in reference_chain(*inputs, 4)), inputs)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_propagate_rejects_bad_shapes():
+    h = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError):
+        propagate(h, h, torch.zeros(1, 7, 4, 4), h, 2)  # 7 is not k*k - 1
+    with pytest.raises(ValueError):
+        propagate(h, h, torch.zeros(1, 8, 4, 4), h, 1)
