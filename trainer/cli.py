@@ -7,6 +7,7 @@ the command: torch takes seconds to import, and `trainer score` and `--help` nee
                      [--sparsity lines:16 | --sweep lines:64,32,16,8]
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
     trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
+    trainer baseline --method ip-basic|nearest --shards shards/kitti-val | --sparse-dir scans/ --out preds/
     trainer export   --ckpt runs/finetune --out model.safetensors
 """
 
@@ -212,6 +213,25 @@ def score_cmd(
     if json_path:
         write_json(json_path, result)
     typer.echo(format_table(result))
+
+
+@app.command("baseline")
+def baseline_cmd(
+    method: str = typer.Option(..., help="ip-basic (Ku et al. 2018, fill_in_fast) or nearest (nearest LiDAR point)"),
+    out: str = typer.Option(..., help="output directory: <name>.png (uint16, depth x 256; 0 = no value)",
+                            callback=_local),
+    shards: str = typer.Option(None, help="a shard set: fill each sample's sparse.png, name <key>.png"),
+    sparse_dir: str = typer.Option(None, help="or a folder of sparse depth PNGs (uint16, m x 256): same names"),
+    max_depth: float = typer.Option(100.0, help="ip-basic: the inversion's pivot in metres (points beyond are lost)"),
+    blur: str = typer.Option("gaussian", help="ip-basic: gaussian (its published KITTI result), bilateral or none"),
+    extrapolate: bool = typer.Option(True, help="ip-basic: extend each column's top value to the top of the "
+                                     "frame, then a 31x31 fill"),
+):
+    """A classical baseline's prediction PNGs (no learning), scorable with `trainer score`."""
+    from trainer.baselines import run_baseline
+
+    typer.echo(json.dumps(run_baseline(method, out, shards=shards, sparse_dir=sparse_dir, max_depth=max_depth,
+                                       blur=blur, extrapolate=extrapolate)))
 
 
 @app.command("export")
