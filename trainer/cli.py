@@ -2,7 +2,7 @@
 the command: torch takes seconds to import, and `trainer score` and `--help` need none of it.
 
     trainer pretrain --shards shards/synthetic [--preset laptop|paper] [--model bpnet-s] [--steps N] ...
-    trainer finetune --shards shards/kitti --init runs/pretrain [...]
+    trainer finetune --shards shards/kitti --init runs/pretrain [--val-shards shards/val --val-every 100] [...]
     trainer eval     --ckpt runs/finetune --shards shards/kitti-val [--kind kitti|nyu] [--json F]
                      [--sparsity lines:16 | --sweep lines:64,32,16,8]
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
@@ -78,6 +78,12 @@ def _train_command(stage: str):
         threads: int = typer.Option(None, help="torch CPU threads"),
         json_path: str = typer.Option(None, "--json", help="write the run summary here", callback=_local),
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
+        val_shards: str = typer.Option(None, help="labelled shards (with GT) to score the EMA network on every "
+                                       "--val-every steps: val_* in log.csv, RUN/best = lowest RMSE"),
+        val_every: int = typer.Option(None, help="steps between validations (default: --ckpt-every); each "
+                                      "one saves a checkpoint"),
+        val_top_rows: str = typer.Option(None, help="also score the top R rows (e.g. those above every label), "
+                                         "or auto: R from the fine-tuning shards' labels"),
         quiet: bool = typer.Option(False, help="no progress bar"),
     ):
         from trainer.presets import get_preset
@@ -89,7 +95,8 @@ def _train_command(stage: str):
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
                  "fit": fit, "threads": threads,
-                 "json": json_path, "convention": convention}
+                 "json": json_path, "convention": convention, "val_shards": val_shards, "val_every": val_every,
+                 "val_top_rows": val_top_rows}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
         from trainer.train import train
@@ -97,7 +104,8 @@ def _train_command(stage: str):
         summary = train(cfg)
         if int(os.environ.get("RANK", 0)) == 0:
             typer.echo(json.dumps({k: summary[k] for k in ("stage", "model", "steps", "first_loss", "final_loss",
-                                                           "samples_per_s", "skipped_samples", "checkpoint")}))
+                                                           "samples_per_s", "skipped_samples", "checkpoint",
+                                                           "best_checkpoint", "best_val_rmse_m")}))
 
     command.__doc__ = {"pretrain": "Pre-train on (simulated LiDAR -> dense pseudo depth) shards: multi-scale L1.",
                        "finetune": "Fine-tune: L_sup on GT + lambda_ssi L_SSI + lambda_reg L_reg to the teacher.",
@@ -110,7 +118,8 @@ app.command("finetune")(_train_command("finetune"))
 
 
 # Options that `eval` and `predict` share (one definition, one help text).
-CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or original .pth", callback=_local)
+CKPT_OPT = typer.Option(..., help="checkpoint, run directory (its latest), RUN/best (lowest validation RMSE), "
+                        "export, or original .pth", callback=_local)
 STEPS_OPT = typer.Option(None, help="at most this many batches")
 MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)")
 RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
