@@ -418,6 +418,39 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def rounding_spread(a: dict, b: dict) -> dict:
+    """Two results.json of one configuration that differ only in float rounding (e.g. --threads 1 and 2):
+    per learned variant, region and metric, the largest difference between the two runs of the same seed
+    (max_abs_diff) beside the spread between the seeds of the first (seed_spread: max - min of its per-seed
+    values; None with one seed). A difference of float rounding alone far below the seed spread means a
+    second seed is the larger source of noise."""
+    out = {}
+    for v in LEARNED:
+        out[v] = {}
+        for r in REGIONS:
+            out[v][r] = {}
+            for m in METRICS:
+                pa, pb = (np.asarray(x["variants"][v]["per_seed"][r][m], np.float64) for x in (a, b))
+                if pa.shape != pb.shape:
+                    raise ValueError(f"{v}: {len(pa)} seed(s) against {len(pb)}: compare runs of one configuration")
+                out[v][r][m] = {"max_abs_diff": float(np.max(np.abs(pa - pb))),
+                                "seed_spread": float(pa.max() - pa.min()) if len(pa) > 1 else None}
+    return out
+
+
+def rounding_table(spread: dict) -> str:
+    """Markdown of rounding_spread: 'rounding / seeds' per cell, in metres."""
+    def cell(d):
+        seeds = "n/a" if d["seed_spread"] is None else f"{d['seed_spread']:.4f}"
+        return f"{d['max_abs_diff']:.4f} / {seeds}"
+
+    lines = ["| variant | RMSE (m) | MAE (m) | RMSE, rows without labels (m) | MAE, rows without labels (m) |",
+             "|---|---:|---:|---:|---:|"]
+    for v, regions in spread.items():
+        lines.append(f"| {v} | " + " | ".join(cell(regions[r][m]) for r in REGIONS for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the job
 
@@ -459,10 +492,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads of every training run (trainer --threads): e.g. 1 and 2 to see how far "
                          "runs differ by float rounding alone")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
+                    help="only compare two results.json of one configuration run with different --threads: "
+                         "the largest per-seed difference (float rounding) beside the spread between seeds")
     ap.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
                     help="which checkpoint of each run is scored and fine-tuned from: its latest, or the one with "
                          "the lowest validation RMSE (RUN/best)")
     args = ap.parse_args()
+    if args.compare:
+        a, b = (json.loads(f.read_text()) for f in args.compare)
+        print(rounding_table(rounding_spread(a, b)))
+        print("\nEach cell: the largest difference between the two results' runs of the same seed / the spread "
+              "(max - min) between the seeds of the first, in metres.")
+        return
     p = PRESETS[args.preset]
     for k, v in vars(args).items():
         if v is not None and hasattr(p, k):

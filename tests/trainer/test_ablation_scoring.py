@@ -196,6 +196,21 @@ def test_every_training_run_is_validated_and_seeded(ablation, tmp_path, monkeypa
         ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {})
 
 
+def test_rounding_spread_compares_runs_seed_by_seed(ablation):
+    def results(full_rmse):
+        per_seed = {r: {m: [1.0, 1.0] for m in ablation.METRICS} for r in ablation.REGIONS}
+        variants = {v: {"per_seed": per_seed} for v in ablation.LEARNED}
+        variants["full"] = {"per_seed": {**per_seed, "overall": {"rmse_m": full_rmse, "mae_m": [1.0, 1.0]}}}
+        return {"variants": variants}
+
+    got = ablation.rounding_spread(results([4.0, 4.5]), results([4.001, 4.497]))
+    assert got["full"]["overall"]["rmse_m"] == pytest.approx({"max_abs_diff": 0.003, "seed_spread": 0.5})
+    assert got["pretrain_sup"]["no_label"]["mae_m"] == {"max_abs_diff": 0.0, "seed_spread": 0.0}
+    assert "0.0030 / 0.5000" in ablation.rounding_table(got)
+    with pytest.raises(ValueError, match="seed"):
+        ablation.rounding_spread(results([4.0, 4.5]), results([4.0]))
+
+
 def test_unlabelled_rows_and_density_from_shards(ablation, tmp_path):
     h, w = 10, 8
     with ShardWriter(tmp_path / "s" / "x-000000.tar", rgb_format="png") as wr:
