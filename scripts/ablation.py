@@ -87,7 +87,8 @@ class Preset:
     bootstrap: int = 2000   # resamples of the held-out scenes (and of the training seeds)
     pretrain_seeds: int = 1  # pre-training runs, seeds 0 .. pretrain_seeds-1: 1, or as many as `seeds`
     n_val: int = 16         # validation scenes (their own datagen seed; target rig, dense GT)
-    val_every: int = 30     # steps between validations of every training run (and at each run's end)
+    val_every: int = 50     # steps between validations of every training run (and at each run's end); one
+    #                         validation of 16 small frames costs about 3-5 training steps (docs/trainer.md)
 
 
 PRESETS = {
@@ -95,7 +96,7 @@ PRESETS = {
     # 384x128 and predictions are made on the whole frame.
     "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=32, model="tiny",
                    crop="64x192", batch_size=8, pretrain_steps=300, finetune_steps=120,
-                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=30),
+                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50),
     # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network and three fine-tuning
     # seeds; about 2 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
