@@ -417,7 +417,11 @@ def train(cfg: TrainConfig) -> dict:
         if top_rows == "auto":
             top_rows = validation.unlabelled_rows(cfg.shards)
             log.info("validation: the top %d rows hold no label in %s", top_rows, cfg.shards)
-    best_rmse = ckpt.best_val_rmse(out) if master else float("inf")
+    best_rmse = float("inf")
+    if master and resume_from is not None:
+        best_rmse = ckpt.best_val_rmse(out)  # the score a resumed run must beat
+    elif master:
+        (out / "best").unlink(missing_ok=True)  # a fresh run: a marker left by an earlier run means nothing now
     last_val: dict | None = None
 
     # RNG last: nothing above may shift it between a straight run and a resumed one

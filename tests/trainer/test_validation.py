@@ -122,7 +122,11 @@ def test_best_follows_the_lowest_rmse_survives_pruning_and_resume(sets, monkeypa
     assert [float(r["val_rmse_m"]) for r in rows] == [5.0, 2.0, 4.0, 3.0, 6.0, 7.0, 2.5, 1.5]
 
 
-def test_best_of_a_run_without_validation_is_a_clear_error(sets):
+def test_best_of_a_run_without_validation_is_a_clear_error(sets, monkeypatch):
+    scripted(monkeypatch, [1.0])
+    train(config(sets, out=str(sets / "run"), steps=2, val_shards=str(sets / "v"), val_every=5))
+    assert ckpt.resolve(sets / "run" / "best").name == "ckpt-0000002.safetensors"
+    # a fresh run (no --resume) in the same directory: the earlier run's best means nothing for it
     train(config(sets, out=str(sets / "run"), steps=2))
     with pytest.raises(FileNotFoundError, match="no validation"):
         ckpt.resolve(sets / "run" / "best")
