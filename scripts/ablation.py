@@ -466,7 +466,8 @@ def checkpoint_of(run_dir: Path | None, use: str = "latest") -> str | None:
 
 
 def machine() -> dict:
-    """What produced the numbers: the commit, the CPU count, torch and the device."""
+    """What produced the numbers: the commit, the CPU count, torch, the device, and the load average at the end
+    (1, 5, 15 min: on a shared machine other jobs slow every stage)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -474,7 +475,8 @@ def machine() -> dict:
         commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"git_commit": commit, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
+            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu,
+            "load_average": list(os.getloadavg())}
 
 
 def main() -> None:
@@ -518,7 +520,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     check_seeds(p)
     t0 = time.time()
-    timings, stage_s = {}, {}
+    timings, stage_s = {"load_average_at_start": list(os.getloadavg())}, {}
     pretrain_root = args.pretrain_shards or (ROOT / "shards" if args.preset == "demo" else out / "data" / "pretrain")
     data, commands = generate(p, out, pretrain_root, log, stage_s)
     timings["generate_s"] = time.time() - t0
