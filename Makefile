@@ -54,7 +54,7 @@ test-shared test-datagen test-trainer: test-%: setup
 	$(BIN)/pytest tests/$*
 
 lint: setup
-	$(BIN)/ruff check datagen trainer shared tests bench
+	$(BIN)/ruff check datagen trainer shared tests bench scripts
 
 # The main job, offline: synthetic data -> pre-training -> fine-tuning variants -> evaluation table.
 demo: setup

@@ -10,24 +10,30 @@ The world models the paper's setting (docs/synthetic_world.md):
   oracle teacher (the errors of a real monocular model) placed between a random near and far;
 - target side, "KITTI": street scenes through one fixed rig (datagen/world/rig.py: KITTI's camera scaled
   to the frame, an hdl64 scaled with it on KITTI's mount, range noise and dropout), semi-dense GT
-  accumulated from 11 scans (nothing above the top laser's reach), and held-out scenes from a seed
-  nobody trained or tuned on, with dense GT.
+  accumulated from 11 scans (nothing above the top laser's reach), held-out scenes from a seed
+  nobody trained or tuned on, with dense GT, and a small validation set like them from a fourth seed.
 
 Steps, each a call of the project's own command lines (so this is also an end-to-end test of them):
-1. `datagen run --source synthetic` for the three sets.
-2. `trainer pretrain`, then `trainer finetune` for: no pre-training (full losses), pre-training then
-   L_sup only, pre-training then L_sup + L_SSI + L_reg (the full method); each fine-tuning once per
-   training seed (--seeds).
-3. `trainer predict` on the held-out scenes; RMSE and MAE per image, overall and in the rows that never
-   had a training label (above every label of the fine-tuning set), against nearest-neighbour
-   interpolation of the sparse input and the pre-trained model used zero-shot.
-4. For every variant, its difference from the full method with a 95% bootstrap interval over the
-   held-out scenes (per-scene errors averaged over the training seeds, then scenes resampled); a
-   difference is called significant when its interval excludes 0.
+1. `datagen run --source synthetic` for the four sets (pre-training, fine-tuning, held-out, validation).
+2. `trainer pretrain` once per pre-training seed (--pretrain-seeds), then `trainer finetune` for: no
+   pre-training (full losses), pre-training then L_sup only, pre-training then L_sup + L_SSI + L_reg
+   (the full method); each fine-tuning once per training seed (--seeds), fine-tuning seed s starting
+   from pre-training seed s (or from the one pre-training run). Every run is validated on the
+   validation set every --val-every steps (`--val-shards`: log.csv, RUN/best, RUN/curves.png).
+3. `trainer predict` on the held-out scenes (each run's latest checkpoint, or with --checkpoint best the
+   one with the lowest validation RMSE); RMSE and MAE per image, overall and in the rows that never had
+   a training label (above every label of the fine-tuning set), against nearest-neighbour interpolation
+   and IP-Basic (trainer.baselines) of the sparse input, the teacher fitted to the scan, and the
+   pre-trained model used zero-shot.
+4. For every variant, its difference from the full method with a 95% interval that resamples both the
+   training runs (seeds) and the held-out scenes (hierarchical_bootstrap_ci), and each seed's own
+   difference; a difference is called significant only when the interval excludes 0 AND every seed's
+   difference has the same sign (both flags are reported apart).
 
 The demo writes its unlabelled set to shards/synthetic (datagen's default output) and everything
 else under --out (default runs/demo): the labelled sets, one run directory (with checkpoints) per
-variant and seed, predictions, previews/, shards_preview.png, results.json and results.md.
+variant and seed, predictions, previews/, curves.png (every run's learning curves), shards_preview.png,
+results.json and results.md.
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +59,11 @@ sys.path.insert(0, str(ROOT))
 from shared.depth import decode_depth_png  # noqa: E402
 from shared.preview import contact_sheet, depth_limits  # noqa: E402
 from shared.shard import iter_samples  # noqa: E402
-from trainer.checkpoint import latest_checkpoint  # noqa: E402
+from trainer.baselines import ip_basic, nearest_fill  # noqa: E402, F401 (nearest_fill: also this module's API)
+from trainer.checkpoint import best_checkpoint, latest_checkpoint  # noqa: E402
+from trainer.curves import plot_runs  # noqa: E402
+from trainer.metrics import fill_invalid_like_devkit, rmse_mae_m  # noqa: E402
+from trainer.validate import unlabelled_rows  # noqa: E402, F401 (also this module's API)
 
 
 @dataclass
@@ -75,7 +84,11 @@ class Preset:
     seeds: int = 1          # fine-tuning runs per variant, seeds 0 .. seeds-1
     workers: int = 2
     previews: int = 3
-    bootstrap: int = 2000   # resamples of the held-out scenes
+    bootstrap: int = 2000   # resamples of the held-out scenes (and of the training seeds)
+    pretrain_seeds: int = 1  # pre-training runs, seeds 0 .. pretrain_seeds-1: 1, or as many as `seeds`
+    n_val: int = 16         # validation scenes (their own datagen seed; target rig, dense GT)
+    val_every: int = 50     # steps between validations of every training run (and at each run's end); one
+    #                         validation of 16 small frames costs about 3-5 training steps (docs/trainer.md)
 
 
 PRESETS = {
@@ -83,19 +96,20 @@ PRESETS = {
     # 384x128 and predictions are made on the whole frame.
     "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=32, model="tiny",
                    crop="64x192", batch_size=8, pretrain_steps=300, finetune_steps=120,
-                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50),
+                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50),
     # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network and three fine-tuning
     # seeds; about 2 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
                   crop="64x192", batch_size=8, pretrain_steps=1000, finetune_steps=200,
-                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3),
+                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3, n_val=32, val_every=100),
     "bench": Preset(width=608, height=192, n_pretrain=4000, n_finetune=400, n_eval=200, model="bpnet-s",
                     crop="192x608", batch_size=8, pretrain_steps=4000, finetune_steps=1500,
-                    pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3),
+                    pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3, n_val=32, val_every=250),
 }
 
 VARIANTS = [
     ("nearest", "sparse input densified by nearest-neighbour interpolation (no learning)"),
+    ("ip_basic", "IP-Basic (Ku et al. 2018): classical image processing of the sparse input (no learning)"),
     ("teacher", "the teacher's map, scale and shift fitted in disparity to the LiDAR points (no learning)"),
     ("finetune_only", "fine-tuning only, L_sup + L_SSI + L_reg (no pre-training)"),
     ("pretrain_only", "pre-training only (zero-shot)"),
@@ -104,7 +118,8 @@ VARIANTS = [
 ]
 REGIONS = ("overall", "no_label")
 METRICS = ("rmse_m", "mae_m")
-SEEDS = {"pretrain": 1, "finetune": 2, "eval": 3}  # datagen --seed of each set: three disjoint worlds
+SEEDS = {"pretrain": 1, "finetune": 2, "eval": 3, "val": 4}  # datagen --seed of each set: four disjoint worlds
+LEARNED = ("finetune_only", "pretrain_only", "pretrain_sup", "full")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,9 +131,10 @@ def tool(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def run(cmd: list[str], log: Path, every_s: float = 5.0) -> None:
+def run(cmd: list[str], log: Path, every_s: float = 5.0) -> float:
     """Run one command, its whole output into `log`; on the console its log lines and, at most every
-    `every_s` seconds, its latest progress-bar state (step, loss, time left), so no minute is silent."""
+    `every_s` seconds, its latest progress-bar state (step, loss, time left), so no minute is silent.
+    Returns its wall time in seconds."""
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.time()
     with open(log, "a") as f:
@@ -147,10 +163,11 @@ def run(cmd: list[str], log: Path, every_s: float = 5.0) -> None:
         tail = log.read_text().splitlines()[-30:]
         sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    return time.time() - t0
 
 
 def datagen_command(p: Preset, kind: str, n: int, dest: Path) -> list[str]:
-    """The `datagen run` argv of one set (pretrain, finetune or eval)."""
+    """The `datagen run` argv of one set (pretrain, finetune, eval or val)."""
     common = ["--source", "synthetic", "--out", str(dest), "--limit", str(n), "--seed", str(SEEDS[kind]),
               "--width", str(p.width), "--height", str(p.height), "--workers", str(p.workers),
               "--shard-size", str(p.shard_size), "--progress", "log"]
@@ -162,50 +179,65 @@ def datagen_command(p: Preset, kind: str, n: int, dest: Path) -> list[str]:
     return [tool("datagen"), "run", *common, *extra]
 
 
-def generate(p: Preset, out: Path, pretrain_root: Path, log: Path) -> tuple[dict[str, Path], list[str]]:
+def generate(p: Preset, out: Path, pretrain_root: Path, log: Path,
+             stage_s: dict) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """The four sets (their directories) and the datagen command of each; wall times into stage_s."""
     sets = {"pretrain": (p.n_pretrain, pretrain_root), "finetune": (p.n_finetune, out / "data" / "finetune"),
-            "eval": (p.n_eval, out / "data" / "eval")}
+            "eval": (p.n_eval, out / "data" / "eval"), "val": (p.n_val, out / "data" / "val")}
     dirs, commands = {}, {}
     for kind, (n, dest) in sets.items():
         commands[kind] = datagen_command(p, kind, n, dest)
-        run(commands[kind], log)
+        stage_s[f"datagen_{kind}"] = run(commands[kind], log)
         dirs[kind] = dest / "synthetic"
     # what a person looks at first: the pre-training shards, as `datagen inspect` shows them
-    run([tool("datagen"), "inspect", str(dirs["pretrain"]), "--preview", str(out / "shards_preview.png"),
+    stage_s["datagen_inspect"] = run(
+        [tool("datagen"), "inspect", str(dirs["pretrain"]), "--preview", str(out / "shards_preview.png"),
          "--samples", "4", "--json", str(out / "shards_summary.json")], log)
-    return dirs, commands["eval"]
+    return dirs, commands
 
 
-def train(p: Preset, data: dict[str, Path], out: Path, log: Path) -> dict[str, list[Path]]:
-    """Run directories per variant, one per fine-tuning seed (pre-training runs once)."""
-    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop]
-    pre = out / "runs" / "pretrain"
-    run([tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out", str(pre),
-         "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr), *common], log)
-    runs: dict[str, list[Path]] = {"pretrain_only": [pre], "finetune_only": [], "pretrain_sup": [], "full": []}
+def check_seeds(p: Preset) -> None:
+    if p.seeds < 1 or p.pretrain_seeds not in (1, p.seeds):
+        raise SystemExit(f"--pretrain-seeds must be 1 or equal to --seeds ({p.seeds}): fine-tuning seed s starts "
+                         f"from pre-training seed s, or all from the one pre-training run; got {p.pretrain_seeds}")
+
+
+def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int, stage_s: dict,
+          threads: int | None = None, use: str = "latest") -> dict[str, list[Path]]:
+    """Run directories per variant: one per pre-training seed for pretrain_only, one per fine-tuning seed for
+    the others. Every run is validated on data["val"] (its top `top_rows` rows too). Fine-tuning seed s
+    starts from pre-training seed s (or from the one pre-training run), from its latest checkpoint or, with
+    use="best", from the one with the lowest validation RMSE. Wall times into stage_s."""
+    check_seeds(p)
+    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop,
+              "--val-shards", str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
+    if threads:
+        common += ["--threads", str(threads)]
+    pre_runs = []
+    for ps in range(p.pretrain_seeds):
+        pre = out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
+        stage_s[pre.name] = run([tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out", str(pre),
+                                 "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr), "--seed", str(ps),
+                                 *common], log)
+        pre_runs.append(pre)
+    runs: dict[str, list[Path]] = {"pretrain_only": pre_runs, "finetune_only": [], "pretrain_sup": [], "full": []}
     for seed in range(p.seeds):
+        pre = pre_runs[seed % len(pre_runs)]
+        init = str(pre / "best") if use == "best" else str(pre)
         ft = ["--shards", str(data["finetune"]), "--steps", str(p.finetune_steps), "--lr", str(p.finetune_lr),
               "--seed", str(seed), *common]
         suffix = f"-seed{seed}" if p.seeds > 1 else ""
-        variants = {"finetune_only": [], "pretrain_sup": ["--init", str(pre), "--lambda-ssi", "0", "--lambda-reg", "0"],
-                    "full": ["--init", str(pre)]}
+        variants = {"finetune_only": [], "pretrain_sup": ["--init", init, "--lambda-ssi", "0", "--lambda-reg", "0"],
+                    "full": ["--init", init]}
         for v, extra in variants.items():
             run_dir = out / "runs" / f"{v}{suffix}"
-            run([tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)], log)
+            stage_s[run_dir.name] = run([tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)], log)
             runs[v].append(run_dir)
     return runs
 
 
 # ----------------------------------------------------------------------------------------------------
 # scoring
-
-
-def nearest_fill(sparse: np.ndarray) -> np.ndarray:
-    """Every pixel takes the depth of the nearest LiDAR point (Euclidean in pixels)."""
-    if not np.any(sparse > 0):
-        return np.zeros_like(sparse)
-    _, (iy, ix) = distance_transform_edt(sparse <= 0, return_indices=True)
-    return sparse[iy, ix]
 
 
 def teacher_fit(teacher: np.ndarray | None, sparse: np.ndarray, max_depth_m: float = 120.0) -> np.ndarray:
@@ -227,21 +259,15 @@ def teacher_fit(teacher: np.ndarray | None, sparse: np.ndarray, max_depth_m: flo
 
 
 def region_errors(pred: np.ndarray, gt: np.ndarray, region: np.ndarray) -> dict | None:
-    m = (gt > 0) & region
-    if not m.any():
-        return None
-    err = np.where(pred[m] > 0, pred[m], 1 / 256) - gt[m]
-    return {"rmse_m": float(np.sqrt(np.mean(err**2))), "mae_m": float(np.mean(np.abs(err)))}
+    """RMSE and MAE (m) over the GT pixels inside region (trainer.metrics.rmse_mae_m: what validation
+    during training computes too); None when there is none."""
+    return rmse_mae_m(pred, gt, region)
 
 
-def unlabelled_rows(finetune_dir: Path) -> int:
-    """How many rows from the top never hold a label in any fine-tuning sample."""
-    top = None
-    for s in iter_samples(finetune_dir):
-        rows = np.flatnonzero((s.gt > 0).any(axis=1))
-        first = int(rows[0]) if len(rows) else s.height
-        top = first if top is None else min(top, first)
-    return top or 0
+def ip_basic_fill(sparse: np.ndarray) -> np.ndarray:
+    """IP-Basic with its published settings, scored as `trainer baseline` + `trainer score` score it: pixels it
+    leaves without a value (0, or negative: points beyond its 100 m pivot) filled as the KITTI devkit does."""
+    return fill_invalid_like_devkit(np.maximum(ip_basic(sparse), 0))
 
 
 def target_density(eval_dir: Path) -> float:
@@ -252,16 +278,17 @@ def target_density(eval_dir: Path) -> float:
 def score(preds: dict[str, list[Path]], eval_dir: Path, top_rows: int, out: Path, n_previews: int) -> dict:
     """Per-scene errors: {variant: {region: {metric: array (seeds x scenes)}}}, scenes in shard order.
 
-    preds maps each learned variant to one prediction folder per seed; "nearest" and "teacher" (see
-    teacher_fit) are computed here. The
-    no-label region is the top `top_rows` rows. Writes previews of the first n_previews scenes.
+    preds maps each learned variant to one prediction folder per seed; "nearest", "ip_basic" (see
+    ip_basic_fill) and "teacher" (see teacher_fit) are computed here. The no-label region is the top
+    `top_rows` rows. Writes previews of the first n_previews scenes.
     """
     errs = {v: {r: {m: [] for m in METRICS} for r in REGIONS} for v, _ in VARIANTS}
     shown = []
     for s in iter_samples(eval_dir):
         region = np.zeros_like(s.gt, dtype=bool)
         region[:top_rows] = True
-        maps = {"nearest": [nearest_fill(s.sparse)], "teacher": [teacher_fit(s.teacher, s.sparse)]}
+        maps = {"nearest": [nearest_fill(s.sparse)], "ip_basic": [ip_basic_fill(s.sparse)],
+                "teacher": [teacher_fit(s.teacher, s.sparse)]}
         for v, dirs in preds.items():
             maps[v] = [decode_depth_png((d / f"{s.key}.png").read_bytes()) for d in dirs]
         for v, per_seed in maps.items():
@@ -284,9 +311,63 @@ def bootstrap_ci(diff: np.ndarray, n: int, seed: int = 0) -> tuple[float, float]
     return float(lo), float(hi)
 
 
+def hierarchical_bootstrap_ci(diff: np.ndarray, n: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `diff` (training seeds x scenes: one variant's per-scene error
+    minus the full method's, run by run) when both the scenes and the training runs are resampled.
+
+    Each resample draws the scenes with replacement, then the seeds (rows) with replacement, independently
+    (scenes and seeds are crossed: every run is scored on every scene); its statistic is the mean of diff
+    over the drawn seeds and the drawn scenes. The scene draws come first from the same generator as
+    bootstrap_ci's, so with one seed, or seeds that do not differ, it is bootstrap_ci of the seed-averaged
+    difference. Seed-to-seed spread widens the interval: a difference that a second training run could
+    reverse is not called significant by the interval alone."""
+    diff = np.atleast_2d(np.asarray(diff, np.float64))
+    n_seeds, n_scenes = diff.shape
+    rng = np.random.default_rng(seed)
+    scenes = rng.integers(0, n_scenes, size=(n, n_scenes))
+    seeds = rng.integers(0, n_seeds, size=(n, n_seeds))
+    weights = np.zeros((n, n_seeds))
+    np.add.at(weights, (np.arange(n)[:, None], seeds), 1.0 / n_seeds)
+    per_scene = weights @ diff  # each resample's seed-averaged difference of every scene
+    means = np.take_along_axis(per_scene, scenes, axis=1).mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_runs(a: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """seeds x scenes differences a - full, run matched with run: equal seed counts pair seed s with seed s
+    (fine-tuning seed s of every variant used data-order seed s and pre-training seed s); a single run (no
+    learning, or one pre-training run) is compared with each of the other's runs."""
+    if len(a) == len(full) or len(a) == 1 or len(full) == 1:
+        return a - full
+    raise ValueError(f"cannot pair {len(a)} runs with the full method's {len(full)}: give --pretrain-seeds 1 or "
+                     "as many as --seeds")
+
+
+def compare(a: np.ndarray, full: np.ndarray, n_boot: int) -> dict:
+    """One variant against the full method on one metric (arrays seeds x scenes): the mean difference, the
+    interval over seeds and scenes (ci95) and over scenes only (ci95_scenes, seeds averaged first), each
+    seed's difference, and the flags: ci_excludes_0, seeds_agree (every seed's difference has the mean's
+    sign, none is 0) and significant (both)."""
+    diff = paired_runs(np.atleast_2d(a), np.atleast_2d(full))
+    diff = diff[:, np.all(np.isfinite(diff), axis=0)]  # scenes scored in every run
+    if diff.shape[1] == 0:
+        nan = float("nan")
+        return {"mean": nan, "ci95": [nan, nan], "significant": False, "ci_excludes_0": False,
+                "seeds_agree": False, "per_seed": [nan] * len(diff), "ci95_scenes": [nan, nan]}
+    lo, hi = hierarchical_bootstrap_ci(diff, n_boot)
+    lo_s, hi_s = bootstrap_ci(diff.mean(axis=0), n_boot)
+    mean = float(diff.mean())
+    per_seed = diff.mean(axis=1)
+    excludes = bool(lo > 0 or hi < 0)
+    agree = bool(np.all(np.sign(per_seed) == np.sign(mean)) and mean != 0)
+    return {"mean": mean, "ci95": [lo, hi], "significant": excludes and agree, "ci_excludes_0": excludes,
+            "seeds_agree": agree, "per_seed": per_seed.tolist(), "ci95_scenes": [lo_s, hi_s]}
+
+
 def summarize(errs: dict, n_boot: int) -> dict:
     """Per variant: the metrics (mean over scenes, then over seeds), each seed's, and the difference from
-    the full method with its bootstrap interval (per-scene errors averaged over the seeds first)."""
+    the full method (compare: an interval over training seeds and scenes, each seed's difference)."""
     out = {}
     for v, _ in VARIANTS:
         entry = {"metrics": {}, "per_seed": {}, "vs_full": {}}
@@ -297,13 +378,7 @@ def summarize(errs: dict, n_boot: int) -> dict:
             entry["per_seed"][r] = {m: np.nanmean(a, axis=1).tolist() for m, a in arr.items()}
             if v == "full":
                 continue
-            entry["vs_full"][r] = {}
-            for m, a in arr.items():
-                diff = np.nanmean(a, axis=0) - np.nanmean(errs["full"][r][m], axis=0)
-                diff = diff[np.isfinite(diff)]
-                lo, hi = bootstrap_ci(diff, n_boot)
-                entry["vs_full"][r][m] = {"mean": float(diff.mean()), "ci95": [lo, hi],
-                                          "significant": bool(lo > 0 or hi < 0)}
+            entry["vs_full"][r] = {m: compare(a, errs["full"][r][m], n_boot) for m, a in arr.items()}
         out[v] = entry
     return out
 
@@ -312,23 +387,29 @@ def previews(shown, dest: Path, top_rows: int) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for s, maps in shown:
         row1 = {f"{s.key}: RGB": s.rgb, "LiDAR input": ("dots", s.rgb, s.sparse), "GT (true depth)": s.gt,
-                "nearest": maps["nearest"]}
+                "nearest": maps["nearest"], "ip_basic": maps["ip_basic"]}
         row2 = {v: maps[v] for v in ("finetune_only", "pretrain_only", "pretrain_sup", "full")}
         row3 = {f"{v} error": np.where(s.gt > 0, maps[v] - s.gt, np.nan)
-                for v in ("nearest", "finetune_only", "pretrain_sup", "full")}
+                for v in ("nearest", "ip_basic", "finetune_only", "pretrain_sup", "full")}
         contact_sheet([row1, row2, row3], str(dest / f"{s.key}.png"), limits=depth_limits(s.gt),
                       title=f"{s.key}: the top {top_rows} rows never had a training label")
 
 
+TABLE_NOTE = ("In brackets: the difference from the full method and its 95% interval, which resamples the "
+              "training seeds and the held-out scenes; * = significant: the interval excludes 0 and every seed's "
+              "difference has the same sign; ° = the interval excludes 0 but the seeds disagree.")
+
+
 def table(summary: dict) -> str:
     """Markdown: the metrics of every variant and, for the others, the difference from the full method
-    with its 95% interval; * marks a difference whose interval excludes 0."""
+    with its 95% interval; * marks a significant difference (interval excludes 0 and every seed agrees),
+    ° one whose interval excludes 0 while some seed disagrees (TABLE_NOTE)."""
     def cell(v, r, m):
         val = summary[v]["metrics"][r][m]
         if v == "full":
             return f"{val:.3f}"
         d = summary[v]["vs_full"][r][m]
-        star = "*" if d["significant"] else ""
+        star = "*" if d["significant"] else "°" if d["ci_excludes_0"] else ""
         return f"{val:.3f} ({d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{star})"
 
     lines = ["| variant | RMSE (m) | MAE (m) | RMSE, rows without labels (m) | MAE, rows without labels (m) |",
@@ -338,19 +419,55 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def rounding_spread(a: dict, b: dict) -> dict:
+    """Two results.json of one configuration that differ only in float rounding (e.g. --threads 1 and 2):
+    per learned variant, region and metric, the largest difference between the two runs of the same seed
+    (max_abs_diff) beside the spread between the seeds of the first (seed_spread: max - min of its per-seed
+    values; None with one seed). A difference of float rounding alone far below the seed spread means a
+    second seed is the larger source of noise."""
+    out = {}
+    for v in LEARNED:
+        out[v] = {}
+        for r in REGIONS:
+            out[v][r] = {}
+            for m in METRICS:
+                pa, pb = (np.asarray(x["variants"][v]["per_seed"][r][m], np.float64) for x in (a, b))
+                if pa.shape != pb.shape:
+                    raise ValueError(f"{v}: {len(pa)} seed(s) against {len(pb)}: compare runs of one configuration")
+                out[v][r][m] = {"max_abs_diff": float(np.max(np.abs(pa - pb))),
+                                "seed_spread": float(pa.max() - pa.min()) if len(pa) > 1 else None}
+    return out
+
+
+def rounding_table(spread: dict) -> str:
+    """Markdown of rounding_spread: 'rounding / seeds' per cell, in metres."""
+    def cell(d):
+        seeds = "n/a" if d["seed_spread"] is None else f"{d['seed_spread']:.4f}"
+        return f"{d['max_abs_diff']:.4f} / {seeds}"
+
+    lines = ["| variant | RMSE (m) | MAE (m) | RMSE, rows without labels (m) | MAE, rows without labels (m) |",
+             "|---|---:|---:|---:|---:|"]
+    for v, regions in spread.items():
+        lines.append(f"| {v} | " + " | ".join(cell(regions[r][m]) for r in REGIONS for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the job
 
 
-def checkpoint_of(run_dir: Path | None) -> str | None:
-    """The newest complete checkpoint file of a run directory (what `trainer eval --ckpt` takes)."""
+def checkpoint_of(run_dir: Path | None, use: str = "latest") -> str | None:
+    """The checkpoint file of a run directory that was scored: its latest, or with use="best" the one with
+    the lowest validation RMSE (what `trainer eval --ckpt RUN` / `RUN/best` take)."""
     if run_dir is None:
         return None
-    return str(latest_checkpoint(run_dir) or run_dir)
+    found = best_checkpoint(run_dir) if use == "best" else latest_checkpoint(run_dir)
+    return str(found or run_dir)
 
 
 def machine() -> dict:
-    """What produced the numbers: the commit, the CPU count, torch and the device."""
+    """What produced the numbers: the commit, the CPU count, torch, the device, and the load average at the end
+    (1, 5, 15 min: on a shared machine other jobs slow every stage)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -358,15 +475,16 @@ def machine() -> dict:
         commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"git_commit": commit, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
+            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu,
+            "load_average": list(os.getloadavg())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--out", type=Path, default=None)
-    for f in ("n_pretrain", "n_finetune", "n_eval", "pretrain_steps", "finetune_steps", "batch_size", "workers",
-              "seeds", "bootstrap"):
+    for f in ("n_pretrain", "n_finetune", "n_eval", "n_val", "pretrain_steps", "finetune_steps", "batch_size",
+              "workers", "seeds", "pretrain_seeds", "val_every", "bootstrap"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--crop", default=None, help="training crop HxW (multiples of 32)")
@@ -374,7 +492,22 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=None)
     ap.add_argument("--pretrain-shards", type=Path, default=None,
                     help="where the unlabelled set goes (demo: shards/, i.e. shards/synthetic)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads of every training run (trainer --threads): e.g. 1 and 2 to see how far "
+                         "runs differ by float rounding alone")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
+                    help="only compare two results.json of one configuration run with different --threads: "
+                         "the largest per-seed difference (float rounding) beside the spread between seeds")
+    ap.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                    help="which checkpoint of each run is scored and fine-tuned from: its latest, or the one with "
+                         "the lowest validation RMSE (RUN/best)")
     args = ap.parse_args()
+    if args.compare:
+        a, b = (json.loads(f.read_text()) for f in args.compare)
+        print(rounding_table(rounding_spread(a, b)))
+        print("\nEach cell: the largest difference between the two results' runs of the same seed / the spread "
+              "(max - min) between the seeds of the first, in metres.")
+        return
     p = PRESETS[args.preset]
     for k, v in vars(args).items():
         if v is not None and hasattr(p, k):
@@ -385,48 +518,61 @@ def main() -> None:
     log.write_text("")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    check_seeds(p)
     t0 = time.time()
-    timings = {}
+    timings, stage_s = {"load_average_at_start": list(os.getloadavg())}, {}
     pretrain_root = args.pretrain_shards or (ROOT / "shards" if args.preset == "demo" else out / "data" / "pretrain")
-    data, heldout_command = generate(p, out, pretrain_root, log)
+    data, commands = generate(p, out, pretrain_root, log, stage_s)
     timings["generate_s"] = time.time() - t0
-    runs = train(p, data, out, log)
+    top_rows = unlabelled_rows(data["finetune"])
+    runs = train(p, data, out, log, top_rows, stage_s, args.threads, args.checkpoint)
     timings["train_s"] = time.time() - t0 - timings["generate_s"]
     preds: dict[str, list[Path]] = {}
     for v, run_dirs in runs.items():
         preds[v] = []
         for run_dir in run_dirs:
             dest = out / "predictions" / run_dir.name
-            run([tool("trainer"), "predict", "--ckpt", str(run_dir), "--shards", str(data["eval"]),
+            ckpt = run_dir / "best" if args.checkpoint == "best" else run_dir
+            stage_s[f"predict_{run_dir.name}"] = run(
+                [tool("trainer"), "predict", "--ckpt", str(ckpt), "--shards", str(data["eval"]),
                  "--out", str(dest), "--previews", "0"], log)
             preds[v].append(dest)
-    top_rows = unlabelled_rows(data["finetune"])
+    t_score = time.time()
     errs = score(preds, data["eval"], top_rows, out, p.previews)
     summary = summarize(errs, p.bootstrap)
+    plot_runs({v: runs[v] for v in LEARNED}, out / "curves.png",
+              title=f"{args.preset}: training loss and validation ({p.n_val} scenes, seed {SEEDS['val']}) per run")
+    stage_s["score_and_curves"] = time.time() - t_score
     timings["total_s"] = time.time() - t0
+    timings["stages_s"] = stage_s
     density = target_density(data["eval"])
     results = {
         "preset": args.preset, "config": asdict(p), "timings": timings, "machine": machine(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "heldout_command": heldout_command,
+        "heldout_command": commands["eval"],
+        "val_command": commands["val"],
         "no_label_region": f"top {top_rows} of {p.height} rows (above every label of the fine-tuning set)",
         "no_label_rows": top_rows,
         "target_lidar_density": density,
         "seeds": list(range(p.seeds)),
-        "variants": {v: {"description": d, "checkpoint": checkpoint_of((runs.get(v) or [None])[0]),
-                         "checkpoints": [checkpoint_of(r) for r in runs.get(v, [])], **summary[v]}
+        "pretrain_seeds": list(range(p.pretrain_seeds)),
+        "threads": args.threads,
+        "checkpoint_choice": args.checkpoint,
+        "curves": str(out / "curves.png"),
+        "variants": {v: {"description": d, "checkpoint": checkpoint_of((runs.get(v) or [None])[0], args.checkpoint),
+                         "checkpoints": [checkpoint_of(r, args.checkpoint) for r in runs.get(v, [])], **summary[v]}
                      for v, d in VARIANTS},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(summary)
-    (out / "results.md").write_text(md + "\n")
+    (out / "results.md").write_text(md + "\n\n" + TABLE_NOTE + "\n")
     print()
     print(md)
-    print(f"\nValues: mean over {p.n_eval} held-out scenes (and {p.seeds} fine-tuning seed(s)); in brackets the "
-          "difference from the full method with its 95% bootstrap interval over scenes; * = significant "
-          f"(interval excludes 0). Held-out LiDAR density {100 * density:.1f}% of pixels; the top {top_rows} "
-          f"rows never had a label. Total {timings['total_s'] / 60:.1f} min (data {timings['generate_s']:.0f} s). "
-          f"Results: {out / 'results.json'}; previews: {out / 'previews'}")
+    print(f"\nValues: mean over {p.n_eval} held-out scenes (and {p.seeds} fine-tuning seed(s), {p.pretrain_seeds} "
+          f"pre-training seed(s)). {TABLE_NOTE} Held-out LiDAR density {100 * density:.1f}% of pixels; the top "
+          f"{top_rows} rows never had a label. Total {timings['total_s'] / 60:.1f} min (data "
+          f"{timings['generate_s']:.0f} s, training {timings['train_s']:.0f} s). Results: {out / 'results.json'}; "
+          f"previews: {out / 'previews'}; learning curves: {out / 'curves.png'}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ Layout under a run directory:
     state-0001000.pt           optimizer, step, RNG states, data position, EMA counter (torch.save of
                                tensors / dicts / lists / numbers only: it loads with weights_only=True)
     latest                     the name of the newest complete checkpoint ("ckpt-0001000")
+    best                       with validation (--val-shards): the name of the checkpoint with the lowest
+                               validation RMSE; pruning never deletes it
 
 Every file is written atomically (shared.fsutil.atomic_write_bytes), state first, weights second,
-`latest` last: a crash at any point leaves `latest` naming a complete pair, and at most a temporary file
-(`*.tmp-<pid>`), which the next run in the directory deletes (`remove_partial`). `save_training` and
+`latest` (then `best`) last, old checkpoints pruned after that: a crash at any point leaves `latest` and
+`best` naming complete pairs, and at most a temporary file (`*.tmp-<pid>`), which the next run in the
+directory deletes (`remove_partial`). `save_training` and
 `restore_training` are what the training loop calls: together they make resume exact (N steps straight
 == N/2 steps, stop, resume, N/2 steps).
 An export (`trainer export`) is one safetensors file with the EMA weights under their plain names.
@@ -48,8 +51,9 @@ def ckpt_name(step: int) -> str:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model_sd: dict, ema_sd: dict, meta: dict,
-                    state: dict, keep: int = 3) -> Path:
-    """Write ckpt-<step>.safetensors + state-<step>.pt atomically, point `latest` at them, prune old ones.
+                    state: dict, keep: int = 3, best: bool = False) -> Path:
+    """Write ckpt-<step>.safetensors + state-<step>.pt atomically, point `latest` (and, when `best`, the
+    `best` marker) at them, prune old ones: all but the newest `keep`, never the one `best` names.
 
     meta values are JSON-encoded into the safetensors metadata (which holds strings only).
     """
@@ -64,7 +68,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model_sd: dict, ema_s
     metadata = {"format": FORMAT, "step": str(step), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write_bytes(out / f"{name}.safetensors", save(tensors, metadata=metadata))
     atomic_write_bytes(out / "latest", (name + "\n").encode())
+    if best:
+        atomic_write_bytes(out / "best", (name + "\n").encode())
+    protected = best_checkpoint(out)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        if old == protected:
+            continue
         old.unlink(missing_ok=True)
         (out / f"state-{_step_of(old):07d}.pt").unlink(missing_ok=True)
     return out / f"{name}.safetensors"
@@ -106,8 +115,19 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def best_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint the `best` marker names (lowest validation RMSE), or None: no marker (a run without
+    --val-shards) or a marker whose checkpoint is gone."""
+    marker = Path(out_dir) / "best"
+    if not marker.is_file():
+        return None
+    path = marker.parent / (marker.read_text().strip() + ".safetensors")
+    return path if path.is_file() else None
+
+
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory (its latest checkpoint)."""
+    """A checkpoint file; a run directory or RUN/latest (its latest checkpoint); RUN/best (the checkpoint with
+    the lowest validation RMSE)."""
     p = Path(path)
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -116,6 +136,13 @@ def resolve(path: str | os.PathLike) -> Path:
         return found
     if p.name == "latest" and p.is_file():
         return latest_checkpoint(p.parent) or p
+    if p.name == "best" and p.parent.is_dir() and not p.suffix:
+        found = best_checkpoint(p.parent)
+        if found is None:
+            why = ("names a checkpoint that is not there" if p.is_file() else
+                   "does not exist: the run had no validation (trainer pretrain|finetune --val-shards)")
+            raise FileNotFoundError(f"{p} {why}")
+        return found
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     return p
@@ -255,11 +282,23 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
+def best_val_rmse(out_dir: str | os.PathLike) -> float:
+    """The validation RMSE recorded in the checkpoint `best` names (what a resumed run must beat), else inf."""
+    path = best_checkpoint(out_dir)
+    if path is None:
+        return float("inf")
+    val = read_metadata(path).get("val") or {}
+    rmse = val.get("rmse_m")
+    return float(rmse) if rmse is not None and rmse == rmse else float("inf")
+
+
 def save_training(out_dir: str | os.PathLike, step: int, samples_seen: int, model: torch.nn.Module, ema,
-                  opt: torch.optim.Optimizer, data_state: dict, meta: dict, keep: int = 3) -> Path | None:
+                  opt: torch.optim.Optimizer, data_state: dict, meta: dict, keep: int = 3,
+                  val: dict | None = None, best: bool = False) -> Path | None:
     """Checkpoint a training run at `step`. Under DDP every process calls it: each one's RNG state and
     data position are gathered (so that all of them resume exactly), rank 0 writes the files, and all
-    wait until they are on disk. Returns the checkpoint path on rank 0, None on the others."""
+    wait until they are on disk. `val`: the validation made at this step (metadata "val"); `best`: point
+    the `best` marker here. Returns the checkpoint path on rank 0, None on the others."""
     device = next(model.parameters()).device
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -274,8 +313,9 @@ def save_training(out_dir: str | os.PathLike, step: int, samples_seen: int, mode
     if world == 1 or dist.get_rank() == 0:
         state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.updates,
                  "optimizer": opt.state_dict(), "rng": rngs, "data": {"world_size": world, "ranks": data_states}}
-        path = save_checkpoint(out_dir, step, model.state_dict(), ema.module.state_dict(),
-                               {**meta, "samples_seen": samples_seen}, state, keep=keep)
+        extra = {"samples_seen": samples_seen, **({"val": val} if val is not None else {})}
+        path = save_checkpoint(out_dir, step, model.state_dict(), ema.module.state_dict(), {**meta, **extra},
+                               state, keep=keep, best=best)
     if world > 1:
         dist.barrier()
     return path

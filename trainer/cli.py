@@ -2,11 +2,12 @@
 the command: torch takes seconds to import, and `trainer score` and `--help` need none of it.
 
     trainer pretrain --shards shards/synthetic [--preset laptop|paper] [--model bpnet-s] [--steps N] ...
-    trainer finetune --shards shards/kitti --init runs/pretrain [...]
+    trainer finetune --shards shards/kitti --init runs/pretrain [--val-shards shards/val --val-every 100] [...]
     trainer eval     --ckpt runs/finetune --shards shards/kitti-val [--kind kitti|nyu] [--json F]
                      [--sparsity lines:16 | --sweep lines:64,32,16,8]
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
     trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
+    trainer baseline --method ip-basic|nearest --shards shards/kitti-val | --sparse-dir scans/ --out preds/
     trainer export   --ckpt runs/finetune --out model.safetensors
 """
 
@@ -87,6 +88,12 @@ def _train_command(stage: str):
                                              "on for an offset mount)"),
         json_path: str = typer.Option(None, "--json", help="write the run summary here", callback=_local),
         log_keys: bool = typer.Option(False, help="log consumed sample keys per rank (data audits)"),
+        val_shards: str = typer.Option(None, help="labelled shards (with GT) to score the EMA network on every "
+                                       "--val-every steps: val_* in log.csv, RUN/best = lowest RMSE"),
+        val_every: int = typer.Option(None, help="steps between validations (default: --ckpt-every); each "
+                                      "one saves a checkpoint"),
+        val_top_rows: str = typer.Option(None, help="also score the top R rows (e.g. those above every label), "
+                                         "or auto: R from the fine-tuning shards' labels"),
         quiet: bool = typer.Option(False, help="no progress bar"),
     ):
         from trainer.presets import get_preset
@@ -98,8 +105,8 @@ def _train_command(stage: str):
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
                  "fit": fit, "threads": threads, "lidar": lidar, "mount": mount, "sensor": sensor,
-                 "hidden_geometry": hidden_geometry,
-                 "json": json_path, "convention": convention}
+                 "hidden_geometry": hidden_geometry, "json": json_path, "convention": convention,
+                 "val_shards": val_shards, "val_every": val_every, "val_top_rows": val_top_rows}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
         from trainer.train import train, validate
@@ -112,7 +119,8 @@ def _train_command(stage: str):
         summary = train(cfg)
         if int(os.environ.get("RANK", 0)) == 0:
             typer.echo(json.dumps({k: summary[k] for k in ("stage", "model", "steps", "first_loss", "final_loss",
-                                                           "samples_per_s", "skipped_samples", "checkpoint")}))
+                                                           "samples_per_s", "skipped_samples", "checkpoint",
+                                                           "best_checkpoint", "best_val_rmse_m")}))
 
     command.__doc__ = {"pretrain": "Pre-train on (simulated LiDAR -> dense pseudo depth) shards: multi-scale L1.",
                        "finetune": "Fine-tune: L_sup on GT + lambda_ssi L_SSI + lambda_reg L_reg to the teacher.",
@@ -125,7 +133,8 @@ app.command("finetune")(_train_command("finetune"))
 
 
 # Options that `eval` and `predict` share (one definition, one help text).
-CKPT_OPT = typer.Option(..., help="checkpoint, run directory, export, or original .pth", callback=_local)
+CKPT_OPT = typer.Option(..., help="checkpoint, run directory (its latest), RUN/best (lowest validation RMSE), "
+                        "export, or original .pth", callback=_local)
 STEPS_OPT = typer.Option(None, help="at most this many batches")
 MODEL_OPT = typer.Option(None, help="network of an original .pth (default bpnet)")
 RAW_OPT = typer.Option(False, help="use the trained weights instead of the EMA")
@@ -228,6 +237,25 @@ def score_cmd(
     if json_path:
         write_json(json_path, result)
     typer.echo(format_table(result))
+
+
+@app.command("baseline")
+def baseline_cmd(
+    method: str = typer.Option(..., help="ip-basic (Ku et al. 2018, fill_in_fast) or nearest (nearest LiDAR point)"),
+    out: str = typer.Option(..., help="output directory: <name>.png (uint16, depth x 256; 0 = no value)",
+                            callback=_local),
+    shards: str = typer.Option(None, help="a shard set: fill each sample's sparse.png, name <key>.png"),
+    sparse_dir: str = typer.Option(None, help="or a folder of sparse depth PNGs (uint16, m x 256): same names"),
+    max_depth: float = typer.Option(100.0, help="ip-basic: the inversion's pivot in metres (points beyond are lost)"),
+    blur: str = typer.Option("gaussian", help="ip-basic: gaussian (its published KITTI result), bilateral or none"),
+    extrapolate: bool = typer.Option(True, help="ip-basic: extend each column's top value to the top of the "
+                                     "frame, then a 31x31 fill"),
+):
+    """A classical baseline's prediction PNGs (no learning), scorable with `trainer score`."""
+    from trainer.baselines import run_baseline
+
+    typer.echo(json.dumps(run_baseline(method, out, shards=shards, sparse_dir=sparse_dir, max_depth=max_depth,
+                                       blur=blur, extrapolate=extrapolate)))
 
 
 @app.command("export")

@@ -90,6 +90,23 @@ def nyu_metrics(pred_m: np.ndarray, gt_m: np.ndarray, floor: bool = True) -> dic
 _METRIC_FNS = {"kitti": kitti_metrics, "nyu": nyu_metrics}
 
 
+def rmse_mae_m(pred_m: np.ndarray, gt_m: np.ndarray, region: np.ndarray | None = None) -> dict[str, float] | None:
+    """RMSE and MAE in metres of one image over the pixels with GT (and inside `region`, a boolean mask,
+    when given), or None when there is no such pixel. Predictions that are not positive or not finite
+    count as PRED_FLOOR_M, as in kitti_metrics. What validation during training and the ablation score."""
+    gt = np.asarray(gt_m)
+    if region is not None:
+        region = np.asarray(region, bool)
+        if region.shape != gt.shape:
+            raise ValueError(f"region shape {region.shape} != ground truth shape {gt.shape}")
+        gt = np.where(region, gt, 0)
+    pair = _valid_pairs(pred_m, gt)
+    if pair is None:
+        return None
+    err = pair[0] - pair[1]
+    return {"rmse_m": float(np.sqrt(np.mean(err**2))), "mae_m": float(np.mean(np.abs(err)))}
+
+
 class MetricAccumulator:
     """Per-image metrics, averaged over the images that had ground truth.
 

@@ -11,6 +11,11 @@ processes; only rank 0 writes checkpoints and logs.
 
 Resume is exact: the checkpoint holds the weights, EMA, optimizer, RNG states and the data position,
 so N steps straight and N/2 + resume + N/2 give the same weights (on a CPU, same seed).
+
+Validation (--val-shards, trainer.validate): every --val-every steps and at the end, rank 0 scores the EMA
+network on a labelled set, logs val_* columns, saves a checkpoint at that step and points `best` at the
+checkpoint with the lowest validation RMSE. It draws no random number and leaves the training data alone:
+the weights are the same with and without it. At the end, curves.png (trainer.curves) draws the run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tqdm import tqdm
 from shared.fsutil import write_json
 from shared.scan.spec import ScanSpec
 from trainer import checkpoint as ckpt
+from trainer import validate as validation
 from trainer.data import DataConfig, DataPosition, make_loader, parse_hw
 from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
 from trainer.model import build_model, model_config_dict, network_inputs, resolve_convention
@@ -96,6 +102,11 @@ class TrainConfig:
     json: str | None = None
     progress: bool = True
     log_keys: bool = False  # write every consumed sample key per rank to keys-rank<r>.tsv (data audits)
+    # validation (trainer.validate): off without val_shards
+    val_shards: str | list | None = None  # a labelled set with GT, made from its own seed (never the test set)
+    val_every: int | None = None  # steps between validations (None: ckpt_every); always at the end too
+    val_top_rows: int | str | None = None  # R: also score the top R rows; "auto": the rows above every label
+    curves: bool = True  # write curves.png (loss and validation against steps) at the end
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -149,6 +160,9 @@ def validate(cfg: TrainConfig) -> None:
         distill_config(cfg)  # raises on a bad --space/--penalty/--fit
     parse_hw(cfg.crop)
     rescan_spec(cfg)  # raises on a bad --lidar/--mount/--sensor
+    validation.parse_top_rows(cfg.val_top_rows)
+    if cfg.val_every is not None and cfg.val_every <= 0:
+        raise ValueError(f"--val-every must be a positive number of steps, got {cfg.val_every}")
 
 
 def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -273,8 +287,9 @@ class RunLog:
     # over all pixels and over the pixels without a label
     PULLS = tuple(f"{kind}_{t}{where}" for t in ("sup", "ssi", "reg") for kind, where in
                   (("pull", ""), ("pull", "_unlabelled"), ("share", "")))
+    # new columns go at the end: a log.csv from before them is rewritten with the longer header on resume
     COLUMNS = ("step", "samples", "loss", "sup", "ssi", "reg", "lr", "grad_norm", "samples_per_s", "skipped",
-               "elapsed_s", *PULLS)
+               "elapsed_s", *PULLS, *validation.VAL_COLUMNS)
 
     def __init__(self, out: Path, enabled: bool, device: torch.device = torch.device("cpu"), world: int = 1,
                  samples_seen: int = 0):
@@ -287,9 +302,10 @@ class RunLog:
         if not enabled:
             return
         path = out / "log.csv"
-        new = not path.exists()
+        self.columns = upgrade_csv_header(path, self.COLUMNS)
+        new = not path.exists() or path.stat().st_size == 0
         self.file = open(path, "a", newline="")  # noqa: SIM115 (closed in close)
-        self.csv = csv.DictWriter(self.file, fieldnames=self.COLUMNS)
+        self.csv = csv.DictWriter(self.file, fieldnames=self.columns)
         if new:
             self.csv.writeheader()
         try:
@@ -310,8 +326,14 @@ class RunLog:
             if k != "loss":  # distill_loss's components are floats already (it syncs once per step)
                 self.window_parts[k] = self.window_parts.get(k, 0.0) + float(v)
 
-    def end_window(self, step: int, samples_seen: int, lr: float, grad_norm: torch.Tensor, skipped: int) -> dict:
-        """The row of the steps since the last one; rank 0 writes it. A loss that is not finite stops the run."""
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (a validation) out of the current row's samples/s."""
+        self.t_row += seconds
+
+    def end_window(self, step: int, samples_seen: int, lr: float, grad_norm: torch.Tensor, skipped: int,
+                   extra: dict | None = None) -> dict:
+        """The row of the steps since the last one, with `extra` columns (validation); rank 0 writes it. A loss
+        that is not finite stops the run."""
         stats = torch.stack([self.window / self.window_n, grad_norm.detach().float(),
                              torch.tensor(float(skipped), device=self.device)])
         if self.world > 1:
@@ -324,7 +346,7 @@ class RunLog:
         row = {"step": step, "samples": samples_seen, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                "samples_per_s": (samples_seen - self.samples_row) / max(now - self.t_row, 1e-9),
                "skipped": int(skipped), "elapsed_s": now - self.t_start,
-               **{k: v / self.window_n for k, v in self.window_parts.items()}}
+               **{k: v / self.window_n for k, v in self.window_parts.items()}, **(extra or {})}
         self.write(row)
         self.first_loss = mean_loss if self.first_loss is None else self.first_loss
         self.last_row, self.t_row, self.samples_row = row, now, samples_seen
@@ -341,12 +363,13 @@ class RunLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.csv.writerow({k: row.get(k, "") for k in self.COLUMNS})
+        self.csv.writerow({k: row.get(k, "") for k in self.columns})
         self.file.flush()
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "samples") and isinstance(v, (int, float)):
-                    group = "pull/" if k.startswith(("pull_", "share_")) else "loss/"
+                    group = ("pull/" if k.startswith(("pull_", "share_")) else "val/" if k.startswith("val_")
+                             else "loss/")
                     tag = k if k in ("lr", "grad_norm", "samples_per_s", "skipped", "elapsed_s") else group + k
                     self.tb.add_scalar(tag, v, row["step"])
 
@@ -355,6 +378,31 @@ class RunLog:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def upgrade_csv_header(path: Path, columns: tuple[str, ...]) -> list[str]:
+    """The columns to write to an existing log.csv: its own header followed by the columns it lacks. When it
+    lacks some (a run started before they existed), the file is rewritten, atomically, with that longer
+    header and its old rows (empty in the new columns), so that a resumed run's CSV stays one table."""
+    if not path.exists() or path.stat().st_size == 0:
+        return list(columns)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        missing = [c for c in columns if c not in header]
+        if not missing:
+            return header
+        rows = list(reader)
+    merged = header + missing
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=merged)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) or "" for k in merged} for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return merged
 
 
 class KeyLog:
@@ -406,6 +454,21 @@ def train(cfg: TrainConfig) -> dict:
                                pin_memory=device.type == "cuda"))
     position = DataPosition(cfg.workers, state.data_start)
 
+    # validation: rank 0 scores the EMA network every val_every steps (trainer.validate)
+    val_every = cfg.val_every or cfg.ckpt_every
+    top_rows = validation.parse_top_rows(cfg.val_top_rows)
+    if cfg.val_shards and master:
+        validation.check_val_shards(cfg.val_shards)
+        if top_rows == "auto":
+            top_rows = validation.unlabelled_rows(cfg.shards)
+            log.info("validation: the top %d rows hold no label in %s", top_rows, cfg.shards)
+    best_rmse = float("inf")
+    if master and resume_from is not None:
+        best_rmse = ckpt.best_val_rmse(out)  # the score a resumed run must beat
+    elif master:
+        (out / "best").unlink(missing_ok=True)  # a fresh run: a marker left by an earlier run means nothing now
+    last_val: dict | None = None
+
     # RNG last: nothing above may shift it between a straight run and a resumed one
     torch.manual_seed(cfg.seed + 1000 * rank + state.step)
     if state.rng is not None:
@@ -451,21 +514,39 @@ def train(cfg: TrainConfig) -> dict:
         runlog.add(loss, parts)
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == end:
-            row = runlog.end_window(step, samples_seen, lr, grad_norm, position.skipped)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", sps=f"{row['samples_per_s']:.1f}", skipped=row["skipped"])
-        if step % cfg.ckpt_every == 0 or step == end:
-            last_path = ckpt.save_training(out, step, samples_seen, raw_model, ema, opt, position.state(), meta,
-                                           cfg.keep) or last_path
+        val_due = bool(cfg.val_shards) and (step % val_every == 0 or step == end)
+        val = None
+        if val_due and master:
+            val = validation.validate(ema.module, cfg.val_shards, convention, top_rows or None)
+            runlog.pause(val["val_s"])
+            last_val = {"step": step, **val}
+        if step % cfg.log_every == 0 or step == end or val_due:
+            row = runlog.end_window(step, samples_seen, lr, grad_norm, position.skipped, extra=val)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", sps=f"{row['samples_per_s']:.1f}", skipped=row["skipped"],
+                            **({"val_rmse": f"{val['val_rmse_m']:.3f}"} if val else {}))
+        if step % cfg.ckpt_every == 0 or step == end or val_due:  # a validation always has its checkpoint
+            is_best = val is not None and val["val_rmse_m"] < best_rmse
+            last_path = ckpt.save_training(
+                out, step, samples_seen, raw_model, ema, opt, position.state(), meta, cfg.keep,
+                val=validation.as_checkpoint_meta(val, cfg.val_shards, top_rows) if val else None,
+                best=is_best) or last_path
+            best_rmse = val["val_rmse_m"] if is_best else best_rmse
 
     bar.close()
     runlog.close()
     keys.close()
     del batches
+    best_path = ckpt.best_checkpoint(out) if master else None
     summary = {"stage": cfg.stage, "model": model_name, "parameters": n_params, "steps": step,
                "steps_this_run": step - state.step, "samples_seen": samples_seen, "world_size": world,
                "device": str(device), "amp_bf16": amp, **runlog.summary(samples_seen - state.samples_seen),
-               "checkpoint": str(last_path) if last_path else None, "out": str(out)}
+               "checkpoint": str(last_path) if last_path else None, "out": str(out),
+               "val": last_val, "best_checkpoint": str(best_path) if best_path else None,
+               "best_val_rmse_m": best_rmse if best_path else None}
+    if master and cfg.curves:
+        from trainer.curves import plot_run
+
+        summary["curves"] = str(plot_run(out))
     if master and cfg.json:
         write_json(cfg.json, summary)
     if world > 1:

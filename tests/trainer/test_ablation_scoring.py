@@ -1,5 +1,6 @@
-"""The scoring half of scripts/ablation.py (`make demo`, `make bench-synthetic`): nearest-neighbour
-baseline, per-region errors, and the results table, on hand-made shards and prediction PNGs."""
+"""The scoring half of scripts/ablation.py (`make demo`, `make bench-synthetic`): the baselines, per-region
+errors, the interval over training seeds and scenes, and the results table, on hand-made shards and
+prediction PNGs; and the commands it runs for several pre-training and fine-tuning seeds."""
 
 from __future__ import annotations
 
@@ -99,16 +100,24 @@ def test_score_and_summary_every_variant_overall_and_in_the_unlabelled_rows(abla
     m = {v: r["metrics"] for v, r in res.items()}
     assert m["full"]["overall"]["rmse_m"] == 0.0 and m["nearest"]["overall"]["mae_m"] == 0.0
     assert m["teacher"]["overall"]["mae_m"] == 0.0  # no teacher map in these shards: the nearest fill
+    assert m["ip_basic"]["overall"]["rmse_m"] == pytest.approx(0.0, abs=1e-4)  # a constant scene: exact
     assert m["finetune_only"]["overall"]["mae_m"] == pytest.approx(2.0)
     assert m["pretrain_only"]["no_label"]["mae_m"] == pytest.approx(1.0)
     assert m["pretrain_only"]["overall"]["mae_m"] == pytest.approx(top / h)
     assert m["pretrain_only"]["overall"]["rmse_m"] == pytest.approx(np.sqrt(top / h))
     assert m["pretrain_sup"]["no_label"]["mae_m"] == pytest.approx(2.0)  # the mean of its two seeds
     assert res["pretrain_sup"]["per_seed"]["no_label"]["mae_m"] == pytest.approx([1.0, 3.0])
+    sup = res["pretrain_sup"]["vs_full"]["no_label"]["mae_m"]  # seed s against the full method's seed s
+    assert sup["per_seed"] == pytest.approx([1.0, 3.0]) and sup["seeds_agree"] and sup["significant"]
+    assert sup["ci95"][0] == pytest.approx(1.0) and sup["ci95"][1] == pytest.approx(3.0)  # the seeds' spread
+    assert sup["ci95_scenes"] == pytest.approx([2.0, 2.0])  # scenes alone: every scene is off by the same
+    # one pre-training run against the full method's two seeds: compared with each of them
+    assert res["pretrain_only"]["vs_full"]["no_label"]["mae_m"]["per_seed"] == pytest.approx([1.0, 1.0])
     assert all(r["metrics"]["overall"]["images"] == 4 for r in res.values())
     # every scene is off by the same amount: the interval is the point, and it excludes 0
     d = res["finetune_only"]["vs_full"]["overall"]["mae_m"]
     assert d["mean"] == pytest.approx(2.0) and d["ci95"] == pytest.approx([2.0, 2.0]) and d["significant"]
+    assert d["ci_excludes_0"] and d["seeds_agree"] and d["per_seed"] == pytest.approx([2.0, 2.0])
     assert not res["nearest"]["vs_full"]["overall"]["mae_m"]["significant"]  # exact too: difference 0
     assert "vs_full" not in res["full"] or not res["full"]["vs_full"]
     assert len(list((tmp_path / "out" / "previews").glob("*.png"))) == 1
@@ -125,6 +134,81 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_scenes(ablatio
     assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
     assert (hi_l - lo_l) < 0.25 * (hi_s - lo_s)  # ~ 1 / sqrt(100)
     assert ablation.bootstrap_ci(small, 500, seed=1) == ablation.bootstrap_ci(small, 500, seed=1)  # seeded
+
+
+def test_hierarchical_interval_with_identical_seeds_is_the_scene_interval(ablation):
+    rng = np.random.default_rng(1)
+    per_scene = rng.normal(0.4, 1.0, 50)
+    scenes_only = ablation.bootstrap_ci(per_scene, 1000, seed=3)
+    assert ablation.hierarchical_bootstrap_ci(per_scene[None], 1000, seed=3) == scenes_only  # one seed: the same
+    lo, hi = ablation.hierarchical_bootstrap_ci(np.tile(per_scene, (3, 1)), 1000, seed=3)
+    assert (lo, hi) == pytest.approx(scenes_only, abs=1e-12)  # three seeds that do not differ: the same
+
+
+def test_hierarchical_interval_widens_with_seed_spread_and_excludes_0_when_it_must(ablation):
+    rng = np.random.default_rng(2)
+    scenes = rng.normal(0.0, 0.05, 40)
+    consistent = 1.0 + scenes + rng.normal(0.0, 0.05, (3, 1))  # every seed about +1 m: clearly worse
+    lo, hi = ablation.hierarchical_bootstrap_ci(consistent, 2000)
+    assert 0 < lo < 1.0 < hi
+    spread = scenes + np.array([[1.5], [0.2], [1.3]])  # the seeds disagree by more than the scenes do
+    h_lo, h_hi = ablation.hierarchical_bootstrap_ci(spread, 2000)
+    s_lo, s_hi = ablation.bootstrap_ci(spread.mean(0), 2000)
+    assert (h_hi - h_lo) > 5 * (s_hi - s_lo)  # the scene-only interval hides the training noise
+
+
+def test_seeds_that_disagree_are_not_significant_even_when_the_interval_excludes_0(ablation):
+    rng = np.random.default_rng(4)
+    full = rng.uniform(3, 5, (3, 60))  # 3 seeds x 60 scenes of the full method
+    # seeds 0 and 1 of the variant are worse by 1 m, seed 2 is better by 0.1 m
+    variant = full + np.array([[1.0], [1.0], [-0.1]]) + rng.normal(0, 0.01, (3, 60))
+    r = ablation.compare(variant, full, 2000)
+    assert r["per_seed"][0] > 0 and r["per_seed"][2] < 0 and not r["seeds_agree"]
+    assert r["ci95_scenes"][0] > 0  # over scenes alone it would have been called
+    assert not r["significant"]
+    agree = ablation.compare(full + 0.5 + rng.normal(0, 0.01, (3, 60)), full, 2000)
+    assert agree["seeds_agree"] and agree["ci_excludes_0"] and agree["significant"]
+    assert agree["mean"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="pretrain-seeds"):
+        ablation.compare(full[:2], full, 100)  # 2 runs cannot be matched with 3
+
+
+def test_every_training_run_is_validated_and_seeded(ablation, tmp_path, monkeypatch):
+    """The commands for 2 pre-training and 2 fine-tuning seeds: fine-tuning seed s starts from pre-training
+    seed s, every run validates on the validation set with the rows above every label, threads pass on."""
+    calls = []
+    monkeypatch.setattr(ablation, "run", lambda cmd, log: calls.append(cmd) or 1.0)
+    p = ablation.Preset(**{**ablation.asdict(ablation.PRESETS["demo"]), "seeds": 2, "pretrain_seeds": 2})
+    data = {k: tmp_path / k for k in ("pretrain", "finetune", "eval", "val")}
+    stage_s = {}
+    runs = ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, stage_s, threads=1)
+    args = [dict(zip(c[2::1], c[3::1], strict=False)) for c in calls]
+    assert [c[1] for c in calls] == ["pretrain"] * 2 + ["finetune"] * 6
+    assert [a["--seed"] for a in args] == ["0", "1"] + ["0"] * 3 + ["1"] * 3
+    assert all(a["--val-shards"] == str(tmp_path / "val") and a["--val-every"] == str(p.val_every)
+               and a["--val-top-rows"] == "38" and a["--threads"] == "1" for a in args)
+    inits = [a.get("--init") for a in args[2:]]
+    pre = [str(r) for r in runs["pretrain_only"]]
+    assert inits == [None, pre[0], pre[0], None, pre[1], pre[1]]
+    assert [r.name for r in runs["full"]] == ["full-seed0", "full-seed1"] and len(stage_s) == 8
+    p.pretrain_seeds = 3
+    with pytest.raises(SystemExit, match="pretrain-seeds"):
+        ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {})
+
+
+def test_rounding_spread_compares_runs_seed_by_seed(ablation):
+    def results(full_rmse):
+        per_seed = {r: {m: [1.0, 1.0] for m in ablation.METRICS} for r in ablation.REGIONS}
+        variants = {v: {"per_seed": per_seed} for v in ablation.LEARNED}
+        variants["full"] = {"per_seed": {**per_seed, "overall": {"rmse_m": full_rmse, "mae_m": [1.0, 1.0]}}}
+        return {"variants": variants}
+
+    got = ablation.rounding_spread(results([4.0, 4.5]), results([4.001, 4.497]))
+    assert got["full"]["overall"]["rmse_m"] == pytest.approx({"max_abs_diff": 0.003, "seed_spread": 0.5})
+    assert got["pretrain_sup"]["no_label"]["mae_m"] == {"max_abs_diff": 0.0, "seed_spread": 0.0}
+    assert "0.0030 / 0.5000" in ablation.rounding_table(got)
+    with pytest.raises(ValueError, match="seed"):
+        ablation.rounding_spread(results([4.0, 4.5]), results([4.0]))
 
 
 def test_unlabelled_rows_and_density_from_shards(ablation, tmp_path):
@@ -148,4 +232,8 @@ def test_heldout_command_is_a_datagen_argv_with_seed_limit_and_out(ablation, tmp
     args = dict(zip(cmd[2::1], cmd[3::1], strict=False))
     assert args["--seed"] == str(ablation.SEEDS["eval"]) and args["--limit"] == "7"
     assert args["--out"] == str(tmp_path / "heldout") and "--labelled" in cmd and "rig=kitti" in cmd
-    assert ablation.SEEDS["eval"] not in (ablation.SEEDS["pretrain"], ablation.SEEDS["finetune"])
+    assert len(set(ablation.SEEDS.values())) == 4  # four disjoint worlds: validation never on the held-out seed
+    val = ablation.datagen_command(p, "val", 5, tmp_path / "val")
+    assert val[val.index("--seed") + 1] == str(ablation.SEEDS["val"]) and val[val.index("--gt") + 1] == "dense"
+    assert [x for x in val if x not in (str(tmp_path / "val"), "5", str(ablation.SEEDS["val"]))] == \
+        [x for x in cmd if x not in (str(tmp_path / "heldout"), "7", str(ablation.SEEDS["eval"]))]  # same rig

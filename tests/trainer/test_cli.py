@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     invoke("pretrain", "--shards", root / "train", "--steps", "3", "--out", root / "pre", "--json",
            root / "pre.json", *common)
     invoke("finetune", "--shards", root / "train", "--init", root / "pre", "--steps", "30", "--lr", "1e-2",
-           "--out", root / "ft", "--json", root / "ft.json", *common[2:])
+           "--out", root / "ft", "--json", root / "ft.json", "--val-shards", root / "val", "--val-every", "10",
+           "--val-top-rows", "16", *common[2:])
     return root
 
 
@@ -51,6 +52,20 @@ def test_pretrain_and_finetune_write_their_runs(runs):
     assert ft["stage"] == "finetune" and ft["model"] == "tiny"  # the network came from --init
     assert ft["final_loss"] < ft["first_loss"]
     assert (runs / "ft" / "latest").read_text().strip() == "ckpt-0000030"
+
+
+def test_validation_logs_and_eval_takes_the_best_checkpoint(runs):
+    import csv
+
+    with open(runs / "ft" / "log.csv", newline="") as f:
+        val = {int(r["step"]): float(r["val_rmse_m"]) for r in csv.DictReader(f) if r["val_rmse_m"]}
+    assert sorted(val) == [10, 20, 30]
+    best_step = min(val, key=val.get)
+    best = eval_json(runs, runs / "ft" / "best", "eval-best")
+    assert best["step"] == best_step
+    assert best["metrics"]["rmse_mm"] == pytest.approx(1000 * val[best_step], rel=1e-9)
+    assert json.loads((runs / "ft.json").read_text())["best_checkpoint"].endswith(f"{best_step:07d}.safetensors")
+    assert (runs / "ft" / "curves.png").is_file()
 
 
 def test_finetuning_lowers_rmse_on_held_out_samples(runs):
