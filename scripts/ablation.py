@@ -47,6 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,11 +93,16 @@ class Preset:
 
 
 PRESETS = {
-    # demo: ~15 min on 2 CPU cores. The tiny network on 64x192 crops is what fits; the images stay
-    # 384x128 and predictions are made on the whole frame.
+    # demo: under 15 min on 2 CPU cores. The tiny network on 64x192 crops is what fits; the images stay
+    # 384x128 and predictions are made on the whole frame. Two seeds of every learned variant (two
+    # pre-training runs; fine-tuning seed s starts from pre-training seed s's best validation checkpoint).
+    # Steps from the validation curves of a 300 + 120 step run (docs/trainer.md, "Choosing the budget"):
+    # fine-tuning's validation RMSE did not improve after step 50 in any pre-trained run, pre-training's
+    # flattened by 150-250 steps in one seed and kept swinging in the other.
     "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=32, model="tiny",
-                   crop="64x192", batch_size=8, pretrain_steps=300, finetune_steps=120,
-                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50),
+                   crop="64x192", batch_size=8, pretrain_steps=250, finetune_steps=60,
+                   pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50,
+                   seeds=2, pretrain_seeds=2),
     # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network and three fine-tuning
     # seeds; about 2 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
@@ -131,16 +137,19 @@ def tool(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def run(cmd: list[str], log: Path, every_s: float = 5.0) -> float:
+def run(cmd: list[str], log: Path, every_s: float = 5.0, tag: str = "", env: dict | None = None) -> float:
     """Run one command, its whole output into `log`; on the console its log lines and, at most every
     `every_s` seconds, its latest progress-bar state (step, loss, time left), so no minute is silent.
-    Returns its wall time in seconds."""
-    print("$ " + shlex.join(cmd), flush=True)
+    `tag` prefixes its console and log lines (runs in parallel); `env`: extra environment variables. Returns
+    its wall time in seconds."""
+    pre = f"[{tag}] " if tag else ""
+    print(pre + "$ " + shlex.join(cmd), flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        f.write("$ " + shlex.join(cmd) + "\n")
+        f.write(pre + "$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, bufsize=0)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, bufsize=0,
+                                env={**os.environ, **env} if env else None)
         pending, last_shown, status = b"", 0.0, ""
         while chunk := proc.stdout.read(4096):
             pending += chunk
@@ -150,20 +159,30 @@ def run(cmd: list[str], log: Path, every_s: float = 5.0) -> float:
                 if not line:
                     continue
                 if sep == b"\n":  # a log line: keep it
-                    f.write(line + "\n")
-                    print("  " + line, flush=True)
+                    f.write(pre + line + "\n")
+                    print("  " + pre + line, flush=True)
                 else:  # a progress-bar redraw: show the latest one every few seconds
                     status = line
             if status and time.time() - last_shown >= every_s:
-                print("  " + status, flush=True)
-                f.write(status + "\n")
+                print("  " + pre + status, flush=True)
+                f.write(pre + status + "\n")
                 last_shown, status = time.time(), ""
         proc.wait()
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
         sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    print(f"  {pre}done in {time.time() - t0:.0f} s", flush=True)
     return time.time() - t0
+
+
+def run_all(cmds: dict[str, list[str]], log: Path, jobs: int, env: dict | None = None) -> dict[str, float]:
+    """Run the named commands, `jobs` at a time (each its own process); their wall times by name. A failed
+    command ends the job (run's sys.exit) once the others in flight have finished."""
+    if jobs <= 1 or len(cmds) <= 1:
+        return {name: run(cmd, log, env=env) for name, cmd in cmds.items()}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(run, cmd, log, tag=name, env=env) for name, cmd in cmds.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def datagen_command(p: Preset, kind: str, n: int, dest: Path) -> list[str]:
@@ -196,6 +215,18 @@ def generate(p: Preset, out: Path, pretrain_root: Path, log: Path,
     return dirs, commands
 
 
+def parallelism(jobs: int | None, threads: int | None) -> tuple[int, int | None]:
+    """(runs at a time, torch threads per run). Default: one run per CPU core, at most 4, each on
+    cores // jobs threads. Small networks use two cores poorly: measured on 2 cores, two one-thread runs
+    side by side train 1.75x (tiny) and 1.5x (bpnet-s) the samples per second of one two-thread run
+    (batch 8, 64x192)."""
+    cores = os.cpu_count() or 1
+    jobs = jobs or max(1, min(cores, 4))
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {jobs}")
+    return jobs, threads or (max(1, cores // jobs) if jobs > 1 else None)
+
+
 def check_seeds(p: Preset) -> None:
     if p.seeds < 1 or p.pretrain_seeds not in (1, p.seeds):
         raise SystemExit(f"--pretrain-seeds must be 1 or equal to --seeds ({p.seeds}): fine-tuning seed s starts "
@@ -203,24 +234,26 @@ def check_seeds(p: Preset) -> None:
 
 
 def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int, stage_s: dict,
-          threads: int | None = None, use: str = "latest") -> dict[str, list[Path]]:
+          threads: int | None = None, use: str = "latest", jobs: int = 1) -> dict[str, list[Path]]:
     """Run directories per variant: one per pre-training seed for pretrain_only, one per fine-tuning seed for
     the others. Every run is validated on data["val"] (its top `top_rows` rows too). Fine-tuning seed s
     starts from pre-training seed s (or from the one pre-training run), from its latest checkpoint or, with
-    use="best", from the one with the lowest validation RMSE. Wall times into stage_s."""
+    use="best", from the one with the lowest validation RMSE. `jobs` runs at a time: the pre-training runs,
+    then the fine-tuning runs (each run's result depends only on its own seed and --threads, not on what
+    runs beside it). Wall times into stage_s."""
     check_seeds(p)
     common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop,
               "--val-shards", str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
     if threads:
         common += ["--threads", str(threads)]
-    pre_runs = []
-    for ps in range(p.pretrain_seeds):
-        pre = out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
-        stage_s[pre.name] = run([tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out", str(pre),
-                                 "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr), "--seed", str(ps),
-                                 *common], log)
-        pre_runs.append(pre)
+    pre_runs = [out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
+                for ps in range(p.pretrain_seeds)]
+    stage_s.update(run_all({pre.name: [tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out",
+                                       str(pre), "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr),
+                                       "--seed", str(ps), *common]
+                            for ps, pre in enumerate(pre_runs)}, log, jobs))
     runs: dict[str, list[Path]] = {"pretrain_only": pre_runs, "finetune_only": [], "pretrain_sup": [], "full": []}
+    cmds = {}
     for seed in range(p.seeds):
         pre = pre_runs[seed % len(pre_runs)]
         init = str(pre / "best") if use == "best" else str(pre)
@@ -231,8 +264,9 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
                     "full": ["--init", init]}
         for v, extra in variants.items():
             run_dir = out / "runs" / f"{v}{suffix}"
-            stage_s[run_dir.name] = run([tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)], log)
+            cmds[run_dir.name] = [tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)]
             runs[v].append(run_dir)
+    stage_s.update(run_all(cmds, log, jobs))
     return runs
 
 
@@ -495,10 +529,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads of every training run (trainer --threads): e.g. 1 and 2 to see how far "
                          "runs differ by float rounding alone")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="training and prediction runs at a time (default: one per CPU core, at most 4), each on "
+                         "cores/jobs threads unless --threads says")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), default=None,
                     help="only compare two results.json of one configuration run with different --threads: "
                          "the largest per-seed difference (float rounding) beside the spread between seeds")
-    ap.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+    ap.add_argument("--checkpoint", choices=("latest", "best"), default="best",
                     help="which checkpoint of each run is scored and fine-tuned from: its latest, or the one with "
                          "the lowest validation RMSE (RUN/best)")
     args = ap.parse_args()
@@ -525,18 +562,15 @@ def main() -> None:
     data, commands = generate(p, out, pretrain_root, log, stage_s)
     timings["generate_s"] = time.time() - t0
     top_rows = unlabelled_rows(data["finetune"])
-    runs = train(p, data, out, log, top_rows, stage_s, args.threads, args.checkpoint)
+    jobs, threads = parallelism(args.jobs, args.threads)
+    runs = train(p, data, out, log, top_rows, stage_s, threads, args.checkpoint, jobs)
     timings["train_s"] = time.time() - t0 - timings["generate_s"]
-    preds: dict[str, list[Path]] = {}
-    for v, run_dirs in runs.items():
-        preds[v] = []
-        for run_dir in run_dirs:
-            dest = out / "predictions" / run_dir.name
-            ckpt = run_dir / "best" if args.checkpoint == "best" else run_dir
-            stage_s[f"predict_{run_dir.name}"] = run(
-                [tool("trainer"), "predict", "--ckpt", str(ckpt), "--shards", str(data["eval"]),
-                 "--out", str(dest), "--previews", "0"], log)
-            preds[v].append(dest)
+    preds = {v: [out / "predictions" / r.name for r in run_dirs] for v, run_dirs in runs.items()}
+    predict = {f"predict_{r.name}": [tool("trainer"), "predict", "--ckpt",
+                                     str(r / "best" if args.checkpoint == "best" else r), "--shards",
+                                     str(data["eval"]), "--out", str(out / "predictions" / r.name), "--previews", "0"]
+               for run_dirs in runs.values() for r in run_dirs}
+    stage_s.update(run_all(predict, log, jobs, {"OMP_NUM_THREADS": str(threads)} if threads else None))
     t_score = time.time()
     errs = score(preds, data["eval"], top_rows, out, p.previews)
     summary = summarize(errs, p.bootstrap)
@@ -556,7 +590,8 @@ def main() -> None:
         "target_lidar_density": density,
         "seeds": list(range(p.seeds)),
         "pretrain_seeds": list(range(p.pretrain_seeds)),
-        "threads": args.threads,
+        "threads": threads,
+        "jobs": jobs,
         "checkpoint_choice": args.checkpoint,
         "curves": str(out / "curves.png"),
         "variants": {v: {"description": d, "checkpoint": checkpoint_of((runs.get(v) or [None])[0], args.checkpoint),
