@@ -215,16 +215,18 @@ def generate(p: Preset, out: Path, pretrain_root: Path, log: Path,
     return dirs, commands
 
 
-def parallelism(jobs: int | None, threads: int | None) -> tuple[int, int | None]:
-    """(runs at a time, torch threads per run). Default: one run per CPU core, at most 4, each on
-    cores // jobs threads. Small networks use two cores poorly: measured on 2 cores, two one-thread runs
-    side by side train 1.75x (tiny) and 1.5x (bpnet-s) the samples per second of one two-thread run
-    (batch 8, 64x192)."""
+def parallelism(jobs: int | None, threads: int | None, runs: int) -> tuple[int, int | None]:
+    """(runs at a time, torch threads per run) for `runs` runs. Default: one run per CPU core, at most 4,
+    each on cores // (runs side by side) threads (so a lone run keeps every core). Small networks use two
+    cores poorly: measured on 2 cores, two one-thread runs side by side train 1.75x (tiny) and 1.5x
+    (bpnet-s) the samples per second of one two-thread run (batch 8, 64x192). A run's result depends on its
+    seed and thread count (float rounding), not on what runs beside it."""
     cores = os.cpu_count() or 1
-    jobs = jobs or max(1, min(cores, 4))
+    jobs = max(1, min(cores, 4)) if jobs is None else jobs
     if jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {jobs}")
-    return jobs, threads or (max(1, cores // jobs) if jobs > 1 else None)
+    side_by_side = max(1, min(jobs, runs))
+    return jobs, threads or max(1, cores // side_by_side)
 
 
 def check_seeds(p: Preset) -> None:
@@ -244,13 +246,15 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
     check_seeds(p)
     common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop,
               "--val-shards", str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
-    if threads:
-        common += ["--threads", str(threads)]
+
+    def threads_of(runs: int) -> list[str]:
+        return ["--threads", str(parallelism(jobs, threads, runs)[1])]
+
     pre_runs = [out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
                 for ps in range(p.pretrain_seeds)]
     stage_s.update(run_all({pre.name: [tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out",
                                        str(pre), "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr),
-                                       "--seed", str(ps), *common]
+                                       "--seed", str(ps), *common, *threads_of(p.pretrain_seeds)]
                             for ps, pre in enumerate(pre_runs)}, log, jobs))
     runs: dict[str, list[Path]] = {"pretrain_only": pre_runs, "finetune_only": [], "pretrain_sup": [], "full": []}
     cmds = {}
@@ -264,7 +268,8 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
                     "full": ["--init", init]}
         for v, extra in variants.items():
             run_dir = out / "runs" / f"{v}{suffix}"
-            cmds[run_dir.name] = [tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir)]
+            cmds[run_dir.name] = [tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir),
+                                  *threads_of(3 * p.seeds)]
             runs[v].append(run_dir)
     stage_s.update(run_all(cmds, log, jobs))
     return runs
@@ -562,15 +567,16 @@ def main() -> None:
     data, commands = generate(p, out, pretrain_root, log, stage_s)
     timings["generate_s"] = time.time() - t0
     top_rows = unlabelled_rows(data["finetune"])
-    jobs, threads = parallelism(args.jobs, args.threads)
-    runs = train(p, data, out, log, top_rows, stage_s, threads, args.checkpoint, jobs)
+    jobs = parallelism(args.jobs, args.threads, 1)[0]
+    runs = train(p, data, out, log, top_rows, stage_s, args.threads, args.checkpoint, jobs)
     timings["train_s"] = time.time() - t0 - timings["generate_s"]
     preds = {v: [out / "predictions" / r.name for r in run_dirs] for v, run_dirs in runs.items()}
     predict = {f"predict_{r.name}": [tool("trainer"), "predict", "--ckpt",
                                      str(r / "best" if args.checkpoint == "best" else r), "--shards",
                                      str(data["eval"]), "--out", str(out / "predictions" / r.name), "--previews", "0"]
                for run_dirs in runs.values() for r in run_dirs}
-    stage_s.update(run_all(predict, log, jobs, {"OMP_NUM_THREADS": str(threads)} if threads else None))
+    threads = parallelism(jobs, args.threads, len(predict))[1]
+    stage_s.update(run_all(predict, log, jobs, {"OMP_NUM_THREADS": str(threads)}))
     t_score = time.time()
     errs = score(preds, data["eval"], top_rows, out, p.previews)
     summary = summarize(errs, p.bootstrap)
@@ -590,7 +596,7 @@ def main() -> None:
         "target_lidar_density": density,
         "seeds": list(range(p.seeds)),
         "pretrain_seeds": list(range(p.pretrain_seeds)),
-        "threads": threads,
+        "threads": args.threads or "per run: CPU cores // runs side by side (each run's log.txt line has --threads)",
         "jobs": jobs,
         "checkpoint_choice": args.checkpoint,
         "curves": str(out / "curves.png"),

@@ -177,7 +177,7 @@ def test_every_training_run_is_validated_and_seeded(ablation, tmp_path, monkeypa
     """The commands for 2 pre-training and 2 fine-tuning seeds: fine-tuning seed s starts from pre-training
     seed s, every run validates on the validation set with the rows above every label, threads pass on."""
     calls = []
-    monkeypatch.setattr(ablation, "run", lambda cmd, log: calls.append(cmd) or 1.0)
+    monkeypatch.setattr(ablation, "run", lambda cmd, log, **kw: calls.append(cmd) or 1.0)
     p = ablation.Preset(**{**ablation.asdict(ablation.PRESETS["demo"]), "seeds": 2, "pretrain_seeds": 2})
     data = {k: tmp_path / k for k in ("pretrain", "finetune", "eval", "val")}
     stage_s = {}
@@ -237,3 +237,49 @@ def test_heldout_command_is_a_datagen_argv_with_seed_limit_and_out(ablation, tmp
     assert val[val.index("--seed") + 1] == str(ablation.SEEDS["val"]) and val[val.index("--gt") + 1] == "dense"
     assert [x for x in val if x not in (str(tmp_path / "val"), "5", str(ablation.SEEDS["val"]))] == \
         [x for x in cmd if x not in (str(tmp_path / "heldout"), "7", str(ablation.SEEDS["eval"]))]  # same rig
+
+
+def test_parallelism_gives_each_run_its_share_of_the_cores(ablation, monkeypatch):
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 2)
+    assert ablation.parallelism(None, None, 1) == (2, 2)  # a lone run keeps both cores
+    assert ablation.parallelism(None, None, 6) == (2, 1)  # two side by side, one thread each
+    assert ablation.parallelism(1, None, 6) == (1, 2)
+    assert ablation.parallelism(None, 3, 6) == (2, 3)  # --threads wins
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 64)
+    assert ablation.parallelism(None, None, 12) == (4, 16)
+    with pytest.raises(SystemExit, match="--jobs"):
+        ablation.parallelism(0, None, 2)
+
+
+def test_runs_side_by_side_train_the_same_commands_with_one_thread_each(ablation, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablation, "run", lambda cmd, log, **kw: calls.append(cmd) or 1.0)
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 2)
+    p = ablation.Preset(**{**ablation.asdict(ablation.PRESETS["demo"]), "seeds": 2, "pretrain_seeds": 2})
+    data = {k: tmp_path / k for k in ("pretrain", "finetune", "eval", "val")}
+    stage_s = {}
+    ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, stage_s, jobs=2)
+    out = [c[c.index("--out") + 1] for c in calls]
+    assert sorted(out) == sorted(str(tmp_path / "out" / "runs" / n) for n in stage_s) and len(out) == 8
+    assert all(c[c.index("--threads") + 1] == "1" for c in calls)
+    p.pretrain_seeds = 1  # the one pre-training run alone gets both cores, the fine-tuning runs one each
+    calls.clear()
+    ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {}, jobs=2)
+    assert [c[c.index("--threads") + 1] for c in calls] == ["2"] + ["1"] * 6
+
+
+def test_run_all_runs_commands_at_the_same_time(ablation, tmp_path):
+    """Each command marks that it started, then waits for the other's mark: they can only both succeed if
+    they run side by side (one after the other, the first would time out and end the job)."""
+    wait = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+            "t = time.time()\nwhile not (d / sys.argv[3]).exists():\n    time.sleep(0.05)\n"
+            "    if time.time() - t > 60: sys.exit('alone')\nprint('met')")
+    cmds = {"a": [sys.executable, "-c", wait, str(tmp_path), "a", "b"],
+            "b": [sys.executable, "-c", wait, str(tmp_path), "b", "a"]}
+    log = tmp_path / "log.txt"
+    times = ablation.run_all(cmds, log, jobs=2)
+    assert set(times) == {"a", "b"}
+    lines = log.read_text().splitlines()
+    assert "[a] met" in lines and "[b] met" in lines  # each run's lines tagged with its name
+    with pytest.raises(SystemExit, match="command failed"):
+        ablation.run_all({"bad": [sys.executable, "-c", "import sys; sys.exit(3)"]}, log, jobs=2)
