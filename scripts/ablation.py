@@ -103,11 +103,12 @@ PRESETS = {
                    crop="64x192", batch_size=8, pretrain_steps=250, finetune_steps=60,
                    pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50,
                    seeds=2, pretrain_seeds=2),
-    # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network and three fine-tuning
-    # seeds; about 2 h on 2 CPU cores (`make bench-synthetic SCALE=cpu`; its table is in the README).
+    # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network, two fine-tuning seeds from
+    # one pre-training run (a second pre-training run would not fit); under 2 h on 2 CPU cores
+    # (`make bench-synthetic SCALE=cpu`; its table and curves are in the README).
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
                   crop="64x192", batch_size=8, pretrain_steps=1000, finetune_steps=200,
-                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3, n_val=32, val_every=100),
+                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=2, n_val=32, val_every=100),
     "bench": Preset(width=608, height=192, n_pretrain=4000, n_finetune=400, n_eval=200, model="bpnet-s",
                     crop="192x608", batch_size=8, pretrain_steps=4000, finetune_steps=1500,
                     pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3, n_val=32, val_every=250),
