@@ -8,6 +8,7 @@ the command: torch takes seconds to import, and `trainer score` and `--help` nee
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
     trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
     trainer baseline --method ip-basic|nearest --shards shards/kitti-val | --sparse-dir scans/ --out preds/
+    trainer complete --ckpt runs/finetune --rgb img.png --sparse scan.png --K K.txt --out depth.png
     trainer export   --ckpt runs/finetune --out model.safetensors
 """
 
@@ -223,6 +224,36 @@ def predict_cmd(
     opts = _inference_options(model, raw, crop, batch_size, workers, device, convention, steps, sparsity,
                               sparsity_seed)
     typer.echo(json.dumps(predict(ckpt, shards, out, previews, opts)))
+
+
+@app.command("complete")
+def complete_cmd(
+    ckpt: str = CKPT_OPT,
+    rgb: str = typer.Option(..., help="an RGB image (.png/.jpg), or a folder of them", callback=_local),
+    sparse: str = typer.Option(..., help="its scan: uint16 .png (metres x 256, KITTI) or .npy (float metres); "
+                               "or a folder of them, paired with the images by file name", callback=_local),
+    K: str = typer.Option(None, "--K", help="intrinsics: a text file of 9 numbers (3 x 3), or a folder of "
+                          "<name>.txt", callback=_local),
+    calib: str = typer.Option(None, help="or KITTI's calib_cam_to_cam.txt (P_rect_02)", callback=_local),
+    out: str = typer.Option(..., help="output depth .png (uint16, metres x 256); for folders, a folder",
+                            callback=_local),
+    max_depth: float = typer.Option(None, help="clamp the output to this depth in metres (default: the PNG's "
+                                    "range, 256 m); also the top of the previews' colour scale"),
+    preview: bool = typer.Option(True, help="also write a colour preview (rgb | scan | depth)"),
+    raw: bool = RAW_OPT,
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+):
+    """Complete your own frames: depth PNGs (uint16, metres x 256) and colour previews."""
+    from trainer.complete import InputError, complete_files
+
+    _setup_logging()
+    try:
+        result = complete_files(ckpt, rgb, sparse, out, K=K, calib=calib, max_depth=max_depth, previews=preview,
+                                device=device, which="model" if raw else "ema")
+    except (InputError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "files"}))
 
 
 @app.command("score")
