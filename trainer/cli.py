@@ -292,13 +292,28 @@ def baseline_cmd(
 @app.command("export")
 def export_cmd(
     ckpt: str = CKPT_OPT,
-    out: str = typer.Option(..., help="output .safetensors", callback=_local),
+    out: str = typer.Option(None, help="output .safetensors", callback=_local),
+    model_card: str = typer.Option(None, help="also (or instead) a Hugging Face hub-style folder, offline: "
+                                   "model.safetensors, config.json, README.md (licence, provenance, validation)",
+                                   callback=_local),
     raw: bool = typer.Option(False, help="export the trained weights instead of the EMA"),
 ):
-    """The EMA weights and the network config as one plain safetensors file."""
+    """The EMA weights, the network config and the provenance as one plain safetensors file (or a model card)."""
+    from trainer.checkpoint import read_metadata
     from trainer.evaluate import export
+    from trainer.provenance import warn_noncommercial
 
-    typer.echo(export(ckpt, out, "model" if raw else "ema"))
+    _setup_logging()
+    if not out and not model_card:
+        raise typer.BadParameter("give --out FILE.safetensors, --model-card DIR, or both")
+    which = "model" if raw else "ema"
+    warn_noncommercial(read_metadata(ckpt), str(ckpt))
+    if out:
+        typer.echo(export(ckpt, out, which))
+    if model_card:
+        from trainer.model_card import write_model_card
+
+        typer.echo(write_model_card(ckpt, model_card, which))
 
 
 if __name__ == "__main__":

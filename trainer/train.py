@@ -37,6 +37,7 @@ from tqdm import tqdm
 from shared.fsutil import write_json
 from shared.scan.spec import ScanSpec
 from trainer import checkpoint as ckpt
+from trainer import provenance
 from trainer import validate as validation
 from trainer.data import DataConfig, DataPosition, make_loader, parse_hw
 from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
@@ -194,6 +195,28 @@ def resume_checkpoint(out: Path, warn: bool) -> Path | None:
     if path is None and warn:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
     return path
+
+
+def training_provenance(cfg: TrainConfig, resume_from: Path | None = None) -> list[dict]:
+    """The checkpoint metadata `provenance` of this run (trainer.provenance): a resumed run keeps its
+    checkpoint's; otherwise --init's entries (ours record theirs; an original .pth is one entry saying its data
+    is not recorded) followed by those of --shards."""
+    if resume_from is not None:
+        recorded = ckpt.read_metadata(resume_from).get("provenance")
+        if isinstance(recorded, list):
+            return recorded
+    parent: list = []
+    if cfg.init:
+        original = Path(cfg.init).suffix in (".pth", ".pt")
+        recorded = None if original else ckpt.read_metadata(cfg.init).get("provenance")
+        if isinstance(recorded, list):
+            parent = recorded
+        else:  # what is not known is said, rather than left out
+            parent = [{"init": str(cfg.init), "source": None, "teacher": {
+                "id": None, "revision": None, "licence": provenance.UNKNOWN, "non_commercial": False},
+                "note": "original BP-Net / DMD3C weights: their training data is not recorded" if original
+                else "a checkpoint written before provenance was recorded"}]
+    return provenance.run_provenance(parent, cfg.shards, cfg.stage)
 
 
 def build_initial_model(cfg: TrainConfig, resume_from: Path | None = None):
@@ -476,7 +499,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # the loop
     meta = {"model_name": model_name, "model_config": model_config_dict(raw_model), "stage": cfg.stage,
-            "convention": convention, "train_config": asdict(cfg)}
+            "convention": convention, "train_config": asdict(cfg),
+            "provenance": training_provenance(cfg, resume_from) if master else []}
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         log.info("%s: %s (%.2fM parameters) on %s x %d, %d steps from step %d, batch %d, crop %s", cfg.stage,
