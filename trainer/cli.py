@@ -50,7 +50,11 @@ def _train_command(stage: str):
     def command(
         shards: str = typer.Option(..., help="shard directory, .tar, glob, brace pattern or URL"),
         preset: str = typer.Option("laptop", help="laptop (default, CPU) or paper (bpnet, batch 16, 256x1216)"),
-        model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else bpnet-s)"),
+        model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else "
+                                  "bpnet-s), or any nn.Module as pkg.module:Class (imports that module; "
+                                  "docs/trainer.md, 'Any network')"),
+        model_kwargs: str = typer.Option(None, help="with --model pkg.module:Class: its constructor kwargs as a "
+                                         "JSON object, recorded in the checkpoint"),
         init: str = typer.Option(None, help="start from our checkpoint/run dir or an original BP-Net/DMD3C .pth",
                                  callback=_local),
         steps: int = typer.Option(None, help="optimizer steps in all (a resumed run counts its done ones)"),
@@ -101,7 +105,14 @@ def _train_command(stage: str):
 
         _setup_logging()
         cfg = get_preset(preset, stage)
-        given = {"shards": shards, "model": model, "init": init, "steps": steps, "batch_size": batch_size,
+        try:
+            kwargs = json.loads(model_kwargs) if model_kwargs else None
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            typer.echo(f"error: --model-kwargs {model_kwargs!r}: expected a JSON object ({exc})", err=True)
+            raise typer.Exit(2) from exc
+        given = {"shards": shards, "model": model, "model_kwargs": kwargs, "init": init, "steps": steps, "batch_size": batch_size,
                  "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
@@ -110,11 +121,14 @@ def _train_command(stage: str):
                  "val_shards": val_shards, "val_every": val_every, "val_top_rows": val_top_rows}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
+        from trainer.model import build_model, is_plugin_name
         from trainer.train import train, validate
 
         try:
             validate(cfg)
-        except ValueError as exc:
+            if cfg.model and is_plugin_name(cfg.model) and not cfg.init and not cfg.resume:
+                build_model(cfg.model, cfg.model_kwargs)  # a wrong path or kwargs fail here, before any work
+        except (ValueError, TypeError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         summary = train(cfg)

@@ -27,7 +27,7 @@ from shared.sparsity import Protocol, parse_protocol
 from trainer.checkpoint import export_weights, load_model, resolve
 from trainer.data import DataConfig, make_loader, parse_hw
 from trainer.metrics import MetricAccumulator
-from trainer.model import INPUT_CONVENTIONS, for_inference, network_inputs, resolve_convention
+from trainer.model import INPUT_CONVENTIONS, for_inference, network_inputs, output_list, resolve_convention
 
 log = logging.getLogger("trainer")
 
@@ -138,7 +138,7 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
 
 def finest(outputs) -> torch.Tensor:
     """The finest depth map of a network's outputs: the last of a list (coarse to fine) or the one tensor."""
-    return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
+    return output_list(outputs)[-1]
 
 
 def run_network(model: torch.nn.Module, batch: dict, convention: str = "kitti", amp: bool = False) -> np.ndarray:
