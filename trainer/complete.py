@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.depth import DEPTH_SCALE, MAX_DEPTH_M, CodecError, decode_rgb, encode_depth_png
+from shared.depth import DEPTH_SCALE, MAX_DEPTH_M, CodecError, _read_uint16, decode_rgb, encode_depth_png
 from shared.shard import Sample
 from trainer.data import collate, eval_frame
 from trainer.evaluate import load_for_inference, run_network
@@ -91,8 +91,6 @@ def read_sparse(path: str | os.PathLike) -> np.ndarray:
     if p.suffix.lower() != ".png":
         raise InputError(f"{p}: unknown sparse depth format {p.suffix!r}; give a uint16 .png (metres x 256) or "
                          "a .npy (float metres)")
-    from shared.depth import _read_uint16
-
     try:
         codes = _read_uint16(p.read_bytes(), str(p))
     except CodecError as exc:
