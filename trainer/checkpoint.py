@@ -202,7 +202,7 @@ def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str =
     """One plain safetensors file with the chosen weights and the network config, for inference."""
     sd, meta = read_checkpoint(ckpt, which)
     metadata = {"format": EXPORT_FORMAT, "weights": json.dumps(which)}
-    for k in ("model_name", "model_config", "step", "stage", "convention"):
+    for k in ("model_name", "model_config", "step", "stage", "convention", "provenance", "val"):
         if k in meta:
             metadata[k] = json.dumps(meta[k])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

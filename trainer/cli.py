@@ -8,6 +8,7 @@ the command: torch takes seconds to import, and `trainer score` and `--help` nee
     trainer predict  --ckpt runs/finetune --shards shards/kitti-test --out preds/
     trainer score    --pred preds/ --gt gt/ --kind kitti [--json F]
     trainer baseline --method ip-basic|nearest --shards shards/kitti-val | --sparse-dir scans/ --out preds/
+    trainer complete --ckpt runs/finetune --rgb img.png --sparse scan.png --K K.txt --out depth.png
     trainer export   --ckpt runs/finetune --out model.safetensors
 """
 
@@ -49,7 +50,11 @@ def _train_command(stage: str):
     def command(
         shards: str = typer.Option(..., help="shard directory, .tar, glob, brace pattern or URL"),
         preset: str = typer.Option("laptop", help="laptop (default, CPU) or paper (bpnet, batch 16, 256x1216)"),
-        model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else bpnet-s)"),
+        model: str = typer.Option(None, help="network preset: bpnet, bpnet-s, tiny (default: --init's, else "
+                                  "bpnet-s), or any nn.Module as pkg.module:Class (imports that module; "
+                                  "docs/trainer.md, 'Any network')"),
+        model_kwargs: str = typer.Option(None, help="with --model pkg.module:Class: its constructor kwargs as a "
+                                         "JSON object, recorded in the checkpoint"),
         init: str = typer.Option(None, help="start from our checkpoint/run dir or an original BP-Net/DMD3C .pth",
                                  callback=_local),
         steps: int = typer.Option(None, help="optimizer steps in all (a resumed run counts its done ones)"),
@@ -100,7 +105,14 @@ def _train_command(stage: str):
 
         _setup_logging()
         cfg = get_preset(preset, stage)
-        given = {"shards": shards, "model": model, "init": init, "steps": steps, "batch_size": batch_size,
+        try:
+            kwargs = json.loads(model_kwargs) if model_kwargs else None
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            typer.echo(f"error: --model-kwargs {model_kwargs!r}: expected a JSON object ({exc})", err=True)
+            raise typer.Exit(2) from exc
+        given = {"shards": shards, "model": model, "model_kwargs": kwargs, "init": init, "steps": steps, "batch_size": batch_size,
                  "crop": crop, "out": out, "lr": lr, "workers": workers, "ema_decay": ema_decay, "seed": seed,
                  "device": device, "amp": amp, "ckpt_every": ckpt_every, "log_every": log_every,
                  "lambda_ssi": lambda_ssi, "lambda_reg": lambda_reg, "space": space, "penalty": penalty,
@@ -109,11 +121,14 @@ def _train_command(stage: str):
                  "val_shards": val_shards, "val_every": val_every, "val_top_rows": val_top_rows}
         cfg = dataclasses.replace(cfg, resume=resume, log_keys=log_keys, progress=not quiet,
                                   **{k: v for k, v in given.items() if v is not None})
+        from trainer.model import build_model, is_plugin_name
         from trainer.train import train, validate
 
         try:
             validate(cfg)
-        except ValueError as exc:
+            if cfg.model and is_plugin_name(cfg.model) and not cfg.init and not cfg.resume:
+                build_model(cfg.model, cfg.model_kwargs)  # a wrong path or kwargs fail here, before any work
+        except (ValueError, TypeError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         summary = train(cfg)
@@ -225,6 +240,36 @@ def predict_cmd(
     typer.echo(json.dumps(predict(ckpt, shards, out, previews, opts)))
 
 
+@app.command("complete")
+def complete_cmd(
+    ckpt: str = CKPT_OPT,
+    rgb: str = typer.Option(..., help="an RGB image (.png/.jpg), or a folder of them", callback=_local),
+    sparse: str = typer.Option(..., help="its scan: uint16 .png (metres x 256, KITTI) or .npy (float metres); "
+                               "or a folder of them, paired with the images by file name", callback=_local),
+    K: str = typer.Option(None, "--K", help="intrinsics: a text file of 9 numbers (3 x 3), or a folder of "
+                          "<name>.txt", callback=_local),
+    calib: str = typer.Option(None, help="or KITTI's calib_cam_to_cam.txt (P_rect_02)", callback=_local),
+    out: str = typer.Option(..., help="output depth .png (uint16, metres x 256); for folders, a folder",
+                            callback=_local),
+    max_depth: float = typer.Option(None, help="clamp the output to this depth in metres (default: the PNG's "
+                                    "range, 256 m); also the top of the previews' colour scale"),
+    preview: bool = typer.Option(True, help="also write a colour preview (rgb | scan | depth)"),
+    raw: bool = RAW_OPT,
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+):
+    """Complete your own frames: depth PNGs (uint16, metres x 256) and colour previews."""
+    from trainer.complete import InputError, complete_files
+
+    _setup_logging()
+    try:
+        result = complete_files(ckpt, rgb, sparse, out, K=K, calib=calib, max_depth=max_depth, previews=preview,
+                                device=device, which="model" if raw else "ema")
+    except (InputError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "files"}))
+
+
 @app.command("score")
 def score_cmd(
     pred: str = typer.Option(..., help="directory of prediction PNGs"),
@@ -261,13 +306,28 @@ def baseline_cmd(
 @app.command("export")
 def export_cmd(
     ckpt: str = CKPT_OPT,
-    out: str = typer.Option(..., help="output .safetensors", callback=_local),
+    out: str = typer.Option(None, help="output .safetensors", callback=_local),
+    model_card: str = typer.Option(None, help="also (or instead) a Hugging Face hub-style folder, offline: "
+                                   "model.safetensors, config.json, README.md (licence, provenance, validation)",
+                                   callback=_local),
     raw: bool = typer.Option(False, help="export the trained weights instead of the EMA"),
 ):
-    """The EMA weights and the network config as one plain safetensors file."""
+    """The EMA weights, the network config and the provenance as one plain safetensors file (or a model card)."""
+    from trainer.checkpoint import read_metadata
     from trainer.evaluate import export
+    from trainer.provenance import warn_noncommercial
 
-    typer.echo(export(ckpt, out, "model" if raw else "ema"))
+    _setup_logging()
+    if not out and not model_card:
+        raise typer.BadParameter("give --out FILE.safetensors, --model-card DIR, or both")
+    which = "model" if raw else "ema"
+    warn_noncommercial(read_metadata(ckpt), str(ckpt))
+    if out:
+        typer.echo(export(ckpt, out, which))
+    if model_card:
+        from trainer.model_card import write_model_card
+
+        typer.echo(write_model_card(ckpt, model_card, which))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from shared.sparsity import Protocol, parse_protocol
 from trainer.checkpoint import export_weights, load_model, resolve
 from trainer.data import DataConfig, make_loader, parse_hw
 from trainer.metrics import MetricAccumulator
-from trainer.model import INPUT_CONVENTIONS, for_inference, network_inputs, resolve_convention
+from trainer.model import INPUT_CONVENTIONS, for_inference, network_inputs, output_list, resolve_convention
 
 log = logging.getLogger("trainer")
 
@@ -113,7 +113,6 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     """
     if convention not in INPUT_CONVENTIONS:
         raise ValueError(f"convention must be one of {sorted(INPUT_CONVENTIONS)}, got {convention!r}")
-    device = next(model.parameters()).device
     if not model.training:  # a copy with the norms folded, channels-last on a CPU; the caller's model stays
         model = for_inference(copy.deepcopy(model))
     # amp (bf16 autocast) is off by default: the original evaluates in float32, and metrics should not
@@ -123,10 +122,7 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
     for i, batch in enumerate(make_loader(cfg, rank=0, world_size=1)):
         if max_batches is not None and i >= max_batches:
             break
-        rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(rgb.to(device), sparse.to(device), batch["K"].to(device))[-1]
-        out = out.float().cpu().numpy()[:, 0] / scale
+        out = run_network(model, batch, convention, amp)
         valid = batch["valid"][:, 0].flatten(1)
         density = ((batch["sparse"][:, 0].flatten(1) > 0) & valid).sum(1) / valid.sum(1).clamp(min=1)
         for b, key in enumerate(batch["key"]):
@@ -138,6 +134,22 @@ def iter_predictions(model: torch.nn.Module, shards, crop: str | None = None, ba
                 gt=batch[target][b, 0, :h, :w].numpy() if has_t else None,
                 sparse=batch["sparse"][b, 0, :h, :w].numpy() if bool(batch["has_sparse"][b]) else None,
                 rgb=batch["rgb_raw"][b, :, :h, :w].permute(1, 2, 0).numpy(), density=float(density[b]))
+
+
+def finest(outputs) -> torch.Tensor:
+    """The finest depth map of a network's outputs: the last of a list (coarse to fine) or the one tensor."""
+    return output_list(outputs)[-1]
+
+
+def run_network(model: torch.nn.Module, batch: dict, convention: str = "kitti", amp: bool = False) -> np.ndarray:
+    """B x H x W float32 metres: the finest output of `model` on a collated batch (trainer.data.collate:
+    rgb_raw, sparse in metres, K), fed in the input convention and scaled back to metres. What eval, predict
+    and trainer.complete run."""
+    device = next(model.parameters()).device
+    rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        out = finest(model(rgb.to(device), sparse.to(device), batch["K"].to(device)))
+    return out.float().cpu().numpy()[:, 0] / scale
 
 
 def metrics_of(predictions: Iterator[Prediction], kind: str = "kitti") -> dict:

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from trainer.model import MULTISCALE_WEIGHTS  # BP-Net's per-output weights, coarse (1/32) -> fine
+from trainer.model import MULTISCALE_WEIGHTS, multiscale_weights  # noqa: F401 (BP-Net's per-output weights, coarse -> fine)
 
 SPACES = ("disparity", "depth")     # where the teacher is fitted to the prediction
 PENALTIES = ("depth", "disparity")  # the units the distillation penalty acts in
@@ -75,13 +75,16 @@ _PIXEL_LOSSES = {"l1": masked_l1, "l2": masked_l2, "l2_bpnet": bpnet_mse}
 
 
 def multiscale_loss(preds: list[Tensor], target: Tensor, mask: Tensor, kind: str = "l1",
-                    weights: tuple[float, ...] = MULTISCALE_WEIGHTS) -> Tensor:
+                    weights: tuple[float, ...] | None = None) -> Tensor:
     """L = sum_l w_l * loss(pred_l, target), l over the outputs coarse -> fine.
 
     kind: "l1" / "l2" (masked_l1 / masked_l2, mean over valid pixels), or "l2_bpnet" (BP-Net's own
     MSMSE: mean over all pixels of the masked squared error). The default weights are BP-Net's,
-    2^-10 .. 2^-2, 1: the coarse outputs only guide the early decoder levels.
+    2^-10 .. 2^-2, 1: the coarse outputs only guide the early decoder levels (None: multiscale_weights of
+    the number of outputs, which are those for 6, and 1 for a network with one output).
     """
+    if weights is None:
+        weights = multiscale_weights(len(preds))
     if kind not in _PIXEL_LOSSES:
         raise ValueError(f"kind must be one of {sorted(_PIXEL_LOSSES)}, got {kind!r}")
     if len(preds) != len(weights):
@@ -97,7 +100,7 @@ def multiscale_loss(preds: list[Tensor], target: Tensor, mask: Tensor, kind: str
 
 
 def pretrain_loss(preds: list[Tensor], pseudo_depth: Tensor, mask: Tensor | None = None,
-                  weights: tuple[float, ...] = MULTISCALE_WEIGHTS) -> Tensor:
+                  weights: tuple[float, ...] | None = None) -> Tensor:
     """The paper's L_pre = |D_f - D_syn|: multiscale masked L1 to the dense pseudo depth.
 
     mask defaults to pseudo_depth > 0 (the depth PNG's "no value" code).

@@ -14,6 +14,10 @@ H and W must be multiples of 32. forward returns 6 maps B x 1 x H x W, from the 
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +41,12 @@ INPUT_CONVENTIONS = {
 }
 # Loss weight of each output, coarse (1/32) to fine (full), from the original's MSMSE criterion.
 MULTISCALE_WEIGHTS = (2**-10, 2**-8, 2**-6, 2**-4, 2**-2, 1.0)
+
+
+def multiscale_weights(n: int) -> tuple[float, ...]:
+    """Loss weights of n outputs, coarse to fine: 4^-(n-1) .. 4^-1, 1 (MULTISCALE_WEIGHTS for BP-Net's 6; the
+    finest output alone for a network that gives one)."""
+    return tuple(4.0 ** -(n - 1 - i) for i in range(n))
 NUM_LEVELS = 6
 
 
@@ -537,13 +547,71 @@ def config_from_dict(d: dict) -> ModelConfig:
 
 
 def model_config_dict(model_or_config: nn.Module | ModelConfig) -> dict:
-    """JSON-friendly config (tuples as lists) that `build_model` accepts back."""
+    """JSON-friendly config (tuples as lists) that `build_model` accepts back. A plugin network's is
+    {"arch": "plugin", "class": "pkg.module:Class", "kwargs": {...}}."""
+    plugin = getattr(model_or_config, PLUGIN_ATTR, None)
+    if plugin is not None:
+        return {"arch": "plugin", "class": plugin["class"], "kwargs": dict(plugin["kwargs"])}
     cfg = getattr(model_or_config, "config", model_or_config)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
 
-def build_model(name_or_config: str | ModelConfig | dict) -> BPNet:
-    """The network of a preset name, a ModelConfig, or a config dict as stored in our checkpoints."""
+# -----------------------------------------------------------------------------
+# plugin networks: `--model pkg.module:Class` (docs/trainer.md, "Any network")
+
+PLUGIN_ATTR = "_dmd3c_plugin"  # set on a plugin network: its import path and constructor kwargs
+PLUGIN_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+def is_plugin_name(name: str | None) -> bool:
+    """True for a `pkg.module:Class` import path (a preset name has no colon)."""
+    return isinstance(name, str) and ":" in name
+
+
+def build_plugin(path: str, kwargs: dict | None = None) -> nn.Module:
+    """`pkg.module:Class(**kwargs)`: IMPORTS that module (runs its code) and builds the network. Used when the
+    user names a class (--model) and when a checkpoint that records one is loaded; kwargs must be JSON (they
+    are stored in the checkpoint to rebuild it)."""
+    if not PLUGIN_RE.match(path):
+        raise ValueError(f"--model {path!r}: a plugin network is named pkg.module:Class")
+    kwargs = dict(kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{path}: constructor kwargs must be JSON values (they are stored in the checkpoint): "
+                         f"{exc}") from exc
+    module_name, cls_name = path.split(":")
+    logging.getLogger("trainer").info("network %s: importing %s (plugin code runs)", path, module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model {path}: cannot import {module_name} ({exc}); install it or put it on "
+                         "PYTHONPATH") from exc
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"--model {path}: {module_name} has no nn.Module subclass {cls_name}")
+    model = cls(**kwargs)
+    setattr(model, PLUGIN_ATTR, {"class": path, "kwargs": kwargs})
+    return model
+
+
+def output_list(outputs) -> list[Tensor]:
+    """A network's outputs as a list coarse to fine: BP-Net's 6 maps, or a plugin's list or single map."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, Tensor) for o in outputs):
+        return list(outputs)
+    raise TypeError(f"a network must return a B x 1 x H x W depth tensor or a non-empty list of them, coarse to "
+                    f"fine; got {type(outputs).__name__}")
+
+
+def build_model(name_or_config: str | ModelConfig | dict, kwargs: dict | None = None) -> nn.Module:
+    """The network of a preset name, a plugin path (pkg.module:Class, with `kwargs`), a ModelConfig, or a
+    config dict as stored in our checkpoints."""
+    if is_plugin_name(name_or_config):
+        return build_plugin(name_or_config, kwargs)
+    if isinstance(name_or_config, dict) and name_or_config.get("arch") == "plugin":
+        return build_plugin(name_or_config["class"], name_or_config.get("kwargs"))
     if isinstance(name_or_config, str):
         if name_or_config not in MODEL_PRESETS:
             raise KeyError(f"unknown model {name_or_config!r}; presets: {sorted(MODEL_PRESETS)}")

@@ -37,10 +37,18 @@ from tqdm import tqdm
 from shared.fsutil import write_json
 from shared.scan.spec import ScanSpec
 from trainer import checkpoint as ckpt
+from trainer import provenance
 from trainer import validate as validation
 from trainer.data import DataConfig, DataPosition, make_loader, parse_hw
 from trainer.losses import DistillLossConfig, distill_loss, pretrain_loss
-from trainer.model import build_model, model_config_dict, network_inputs, resolve_convention
+from trainer.model import (
+    build_model,
+    is_plugin_name,
+    model_config_dict,
+    network_inputs,
+    output_list,
+    resolve_convention,
+)
 
 log = logging.getLogger("trainer")
 
@@ -52,7 +60,8 @@ class TrainConfig:
     stage: str = "pretrain"
     shards: str | list = "shards"
     out: str = "runs/pretrain"
-    model: str | None = None  # preset name; None: the --init checkpoint's network, else "bpnet-s"
+    model: str | None = None  # preset name or pkg.module:Class; None: the --init checkpoint's network, else "bpnet-s"
+    model_kwargs: dict | None = None  # constructor kwargs of a pkg.module:Class network (JSON values)
     init: str | None = None  # our checkpoint / export, or an original BP-Net / DMD3C .pth
     # input convention (trainer.model.INPUT_CONVENTIONS): None = what --init records, else kitti; "nyu" to
     # fine-tune an original BP-Net NYU .pth (ImageNet RGB, depth x 10). Recorded in our checkpoints.
@@ -163,6 +172,8 @@ def validate(cfg: TrainConfig) -> None:
     validation.parse_top_rows(cfg.val_top_rows)
     if cfg.val_every is not None and cfg.val_every <= 0:
         raise ValueError(f"--val-every must be a positive number of steps, got {cfg.val_every}")
+    if cfg.model_kwargs and not is_plugin_name(cfg.model):
+        raise ValueError("--model-kwargs is for a plugin network (--model pkg.module:Class)")
 
 
 def setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -196,6 +207,28 @@ def resume_checkpoint(out: Path, warn: bool) -> Path | None:
     return path
 
 
+def training_provenance(cfg: TrainConfig, resume_from: Path | None = None) -> list[dict]:
+    """The checkpoint metadata `provenance` of this run (trainer.provenance): a resumed run keeps its
+    checkpoint's; otherwise --init's entries (ours record theirs; an original .pth is one entry saying its data
+    is not recorded) followed by those of --shards."""
+    if resume_from is not None:
+        recorded = ckpt.read_metadata(resume_from).get("provenance")
+        if isinstance(recorded, list):
+            return recorded
+    parent: list = []
+    if cfg.init:
+        original = Path(cfg.init).suffix in (".pth", ".pt")
+        recorded = None if original else ckpt.read_metadata(cfg.init).get("provenance")
+        if isinstance(recorded, list):
+            parent = recorded
+        else:  # what is not known is said, rather than left out
+            parent = [{"init": str(cfg.init), "source": None, "teacher": {
+                "id": None, "revision": None, "licence": provenance.UNKNOWN, "non_commercial": False},
+                "note": "original BP-Net / DMD3C weights: their training data is not recorded" if original
+                else "a checkpoint written before provenance was recorded"}]
+    return provenance.run_provenance(parent, cfg.shards, cfg.stage)
+
+
 def build_initial_model(cfg: TrainConfig, resume_from: Path | None = None):
     """(model, model_name, convention): the trained weights of the checkpoint --resume continues, or those of
     --init (its own network unless --model differs, its recorded input convention), or a fresh preset."""
@@ -210,7 +243,7 @@ def build_initial_model(cfg: TrainConfig, resume_from: Path | None = None):
         convention = resolve_convention(cfg.convention, info.get("convention"), cfg.init)
         return model, info.get("model_name") or cfg.model or "custom", convention
     name = cfg.model or "bpnet-s"
-    return build_model(name), name, resolve_convention(cfg.convention, None, "a new network")
+    return build_model(name, cfg.model_kwargs), name, resolve_convention(cfg.convention, None, "a new network")
 
 
 def rescan_spec(cfg: TrainConfig) -> ScanSpec | str | None:
@@ -476,7 +509,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # the loop
     meta = {"model_name": model_name, "model_config": model_config_dict(raw_model), "stage": cfg.stage,
-            "convention": convention, "train_config": asdict(cfg)}
+            "convention": convention, "train_config": asdict(cfg),
+            "provenance": training_provenance(cfg, resume_from) if master else []}
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         log.info("%s: %s (%.2fM parameters) on %s x %d, %d steps from step %d, batch %d, crop %s", cfg.stage,
@@ -502,7 +536,7 @@ def train(cfg: TrainConfig) -> dict:
         rgb, sparse, scale = network_inputs(batch["rgb_raw"], batch["sparse"], convention)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             preds = model(rgb, sparse, batch["K"])
-        preds = [p.float() / scale for p in preds]  # metres, whatever the network's convention
+        preds = [p.float() / scale for p in output_list(preds)]  # metres, whatever the network's convention
         loss, parts = compute_loss(cfg, preds, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.licence import NON_COMMERCIAL, is_non_commercial  # noqa: F401 (NON_COMMERCIAL: its old home)
+
 OUTPUTS = ("disparity", "depth", "metric")
-NON_COMMERCIAL = ("cc-by-nc", "apple-amlr", "apple-ascl")  # prefixes of licences that forbid product use
 SEE_CARD = "see the model card"
 
 
@@ -159,7 +160,7 @@ def teacher_license(spec: str) -> dict:
             lic, source = known.license, f"datagen's table ({known.hub_id})"
         else:
             lic, source = "unknown", "no model card on disk: see the model card where the weights come from"
-    return {"license": lic, "source": source, "non_commercial": lic.lower().startswith(NON_COMMERCIAL)}
+    return {"license": lic, "source": source, "non_commercial": is_non_commercial(lic)}
 
 
 def license_line(model: str, lic: dict) -> str:
