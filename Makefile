@@ -45,9 +45,12 @@ os-libs:
 	fi
 
 # pytest once per package; exit code 5 ("no tests collected") is not a failure for an empty package.
+# One pytest per package (their conftests differ), each spread over the CPU cores (pytest-xdist; most
+# tests are single-threaded). TEST_JOBS=0: one test at a time.
+TEST_JOBS ?= auto
 test: setup
 	@status=0; for d in tests/shared tests/datagen tests/trainer; do \
-	  echo "== pytest $$d"; $(BIN)/pytest $$d; rc=$$?; \
+	  echo "== pytest $$d"; $(BIN)/pytest -n $(TEST_JOBS) $$d; rc=$$?; \
 	  if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then status=1; fi; done; exit $$status
 
 test-shared test-datagen test-trainer: test-%: setup
