@@ -67,6 +67,7 @@ from datagen.sources import get_source  # noqa: E402
 from datagen.teachers.runner import OracleTeacher  # noqa: E402
 from shared.camera import make_K  # noqa: E402
 from shared.shard import Sample, ShardWriter, validate_shard  # noqa: E402
+from tests.procs import kill_tree  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
@@ -80,19 +81,6 @@ def check(cond, message: str) -> None:
         raise Failed(message)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (Ray workers may leave the process group) and reap them."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=15)
 
 
 # ---------------------------------------------------------------------------------------------------------

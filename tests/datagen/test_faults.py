@@ -31,6 +31,7 @@ from datagen.job.shard_files import ROWS_SUFFIX, shard_name, write_tables  # noq
 from datagen.sources import get_source  # noqa: E402
 from datagen.teachers.runner import OracleTeacher  # noqa: E402
 from shared.shard import TMP_MARK, validate_shard  # noqa: E402
+from tests.procs import kill_tree  # noqa: E402
 
 N, SHARD, SEED = 24, 2, 5
 OPTS = {"width": 64, "height": 48, "seed": SEED}
@@ -57,22 +58,6 @@ def reference(out: Path) -> Path:
 # SIGKILL, twice
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (Ray's workers may leave the driver's process group), and
-    wait until they are gone: a worker of a killed run must not finish a shard behind the test's back."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def kill_after_progress(out: Path, rng: np.random.Generator, log: Path) -> int:

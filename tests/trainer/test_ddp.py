@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import write_shards
 
+from tests.procs import kill_tree
 from trainer import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,18 +100,6 @@ def restartable_run(shards: Path, out: Path, marks: Path, steps: int = 6, ckpt_e
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=15)
 
 
 def finish(proc: subprocess.Popen, marks: Path, timeout: float = 400) -> int:
