@@ -23,6 +23,8 @@ Markdown table per area, every measurement beside its naive reference from the s
     rescan         one loader worker with a new scan per frame (trainer pretrain --lidar) vs the stored scans,
                    against a training step's consumption; the caster on rough vs smooth surfaces
     ops            4-NN bucketed and KD-tree vs exhaustive; local_conv vs the naive autograd loop; forwards
+    onnx           the ONNX export vs the PyTorch network at 352 x 1216: export time, inference time (onnxruntime
+                   with the 4-NN search outside the graph vs PyTorch as predict runs it), relative error
     calibration    the oracle teacher's AbsRel and delta1 per scene family vs Depth Anything V2's published ones
 
 A script that fails or runs past its time limit is recorded as such; the others still run.
@@ -53,6 +55,7 @@ SCRIPTS = {
     "train": ("train.py", [], 600),
     "rescan": ("rescan.py", [], 420),
     "ops": ("ops.py", [], 240),
+    "onnx": ("onnx.py", [], 600),
     "calibration": ("teacher_calibration.py", [], 300),
 }
 
@@ -207,6 +210,16 @@ def md_ops(d: dict) -> str:
               "local_conv rows, time vs the naive k*k autograd loop; forward rows, time vs the first preset.")
 
 
+def md_onnx(d: dict) -> str:
+    rows = [[r["model"], r["frame"], r["threads"], f"{fmt(r['export_s'], 0)} s", r["nodes"], f"{fmt(r['torch_s'])} s",
+             f"{fmt(r['onnx_s'])} s ({fmt(r['onnx_neighbours_s'])} s)", ratio(r["onnx_vs_torch"]),
+             f"{r['max_rel_err']:.1e}"] for r in d["rows"]]
+    return (table(["model", "frame", "threads", "export", "nodes", "PyTorch (predict's path)",
+                   "onnxruntime (of which the 4-NN outside the graph)", "speed vs PyTorch", "max relative error"], rows)
+            + "\n\nRandom weights with calibrated batch norms, 5% of pixels with a point; relative error: the largest "
+              "|onnxruntime - PyTorch| over the largest depth. Both include every 4-NN search.")
+
+
 def md_calibration(d: dict) -> str:
     rows = [[fam, f"{r['size'][0]}x{r['size'][1]}", fmt(r["strength"], 3),
              "{:.4f} [{:.4f}, {:.4f}]".format(*r["absrel"]), "{:.4f} [{:.4f}, {:.4f}]".format(*r["delta1"]),
@@ -236,7 +249,8 @@ def write_markdown(results: dict, path: Path) -> None:
                 ("Shard loader", "train", md_loader), ("A new scan per frame (loader)", "rescan", md_rescan),
                 ("Training step", "train", md_training),
                 ("Training step (GPU)", "train_cuda", md_training), ("Propagation ops", "ops", md_ops),
-                ("Propagation ops (GPU)", "ops_cuda", md_ops), ("Oracle teacher calibration", "calibration", md_calibration)]
+                ("Propagation ops (GPU)", "ops_cuda", md_ops), ("ONNX export", "onnx", md_onnx),
+                ("Oracle teacher calibration", "calibration", md_calibration)]
     for title, key, render in sections:
         r = results["scripts"].get(key)
         if r is None:

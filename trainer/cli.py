@@ -310,20 +310,35 @@ def export_cmd(
     model_card: str = typer.Option(None, help="also (or instead) a Hugging Face hub-style folder, offline: "
                                    "model.safetensors, config.json, README.md (licence, provenance, validation)",
                                    callback=_local),
+    onnx: str = typer.Option(None, help="also (or instead) an ONNX graph (BP-Net; dynamic height and width, "
+                             "multiples of 32), checked with onnxruntime against PyTorch: docs/trainer.md",
+                             callback=_local),
     raw: bool = typer.Option(False, help="export the trained weights instead of the EMA"),
 ):
-    """The EMA weights, the network config and the provenance as one plain safetensors file (or a model card)."""
+    """The EMA weights, the network config and the provenance as one plain safetensors file (or a model card,
+    or an ONNX graph)."""
     from trainer.checkpoint import read_metadata
     from trainer.evaluate import export
     from trainer.provenance import warn_noncommercial
 
     _setup_logging()
-    if not out and not model_card:
-        raise typer.BadParameter("give --out FILE.safetensors, --model-card DIR, or both")
+    if not out and not model_card and not onnx:
+        raise typer.BadParameter("give --out FILE.safetensors, --model-card DIR, --onnx FILE.onnx, or several")
     which = "model" if raw else "ema"
     warn_noncommercial(read_metadata(ckpt), str(ckpt))
     if out:
         typer.echo(export(ckpt, out, which))
+    if onnx:
+        from trainer.onnx_export import OnnxExportError, export_onnx
+
+        try:
+            report = export_onnx(ckpt, onnx, which)
+        except OnnxExportError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"{report['path']}: opset {report['opset']}, {report['nodes']} nodes, exported in "
+                   f"{report['export_s']:.0f} s; onnxruntime vs PyTorch: max relative error "
+                   f"{report['max_rel_err']:.1e} on {', '.join(report['rel_err_by_size'])}")
     if model_card:
         from trainer.model_card import write_model_card
 

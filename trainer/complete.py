@@ -27,6 +27,7 @@ import copy
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +180,9 @@ def read_calib(path: str | os.PathLike, camera: str = "02") -> np.ndarray:
 class Completer:
     """A loaded network that completes one frame at a time (load_completer builds it)."""
 
-    model: torch.nn.Module  # ready for inference (trainer.model.for_inference), on its device
+    model: torch.nn.Module | None  # ready for inference (trainer.model.for_inference), on its device
     info: dict  # the checkpoint's metadata; info["convention"]: its input convention
+    runner: Callable[[dict], np.ndarray] | None = None  # instead of model: collated batch -> B x H x W metres
 
     @torch.no_grad()
     def __call__(self, rgb: np.ndarray, sparse: np.ndarray, K, max_depth: float | None = None,
@@ -201,7 +203,9 @@ class Completer:
         K = check_K(K, rgb.shape[:2], names.get("K", "K"))
         h, w = sparse.shape
         frame = eval_frame(Sample(key="frame", rgb=rgb, K=K, sparse=sparse))
-        depth = run_network(self.model, collate([frame], ["frame"]), self.info["convention"])[0, :h, :w]
+        batch = collate([frame], ["frame"])
+        depth = self.runner(batch) if self.runner else run_network(self.model, batch, self.info["convention"])
+        depth = depth[0, :h, :w]
         if max_depth is not None:
             depth = np.clip(np.nan_to_num(depth), MIN_DEPTH_M, max_depth)
         return np.ascontiguousarray(depth, dtype=np.float32)

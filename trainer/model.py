@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.ops import VALID_DEPTH, knn4, propagate
+from trainer.ops import VALID_DEPTH, knn4, knn4_offset, propagate
 
 KITTI_RGB_MEAN = (90.9950, 96.2278, 94.3213)  # on the 0..255 scale, from the original's KITTI config
 KITTI_RGB_STD = (79.2382, 80.5267, 82.1483)
@@ -412,7 +412,10 @@ class Level(nn.Module):
         self.conv = nn.Conv2d(c, 1, 3, padding=1, bias=True)
         self.cspn = CSPN(c, cfg.cspn_iters[level])
 
-    def forward(self, feat: Tensor | None, depth: Tensor | None, skip: Tensor, sparse: Tensor, K: Tensor):
+    def forward(self, feat: Tensor | None, depth: Tensor | None, skip: Tensor, sparse: Tensor, K: Tensor,
+                idx: Tensor | None = None):
+        """idx: this level's 4-NN indices (B x 4 x h*w) when the caller has them (an ONNX graph: knn4's
+        data-dependent search runs outside it, trainer.onnx.neighbours), else computed here."""
         feat = skip if self.upcat is None else self.upcat(skip, feat, depth)
         sparse = sparse if self.wpool is None else self.wpool(sparse, feat)
         K = K.clone()
@@ -422,7 +425,10 @@ class Level(nn.Module):
                                 indexing="xy")
         # pre
         points = backproject(sparse, K, xx, yy)
-        idx, offset = knn4(sparse.detach())
+        if idx is None:
+            idx, offset = knn4(sparse.detach())
+        else:
+            offset = knn4_offset(idx, xx.reshape(-1), yy.reshape(-1), sparse.dtype)
         depth = self.prop(feat, points, offset, idx)
         # mid
         points = backproject(depth, K, xx, yy).view(B, 3, h, w)
@@ -464,7 +470,9 @@ class BPNet(nn.Module):
             if isinstance(m, KernelHead):
                 nn.init.zeros_(m.conv[1].conv.bn.weight)
 
-    def forward(self, rgb: Tensor, sparse: Tensor, K: Tensor) -> list[Tensor]:
+    def forward(self, rgb: Tensor, sparse: Tensor, K: Tensor, neighbours: list[Tensor] | None = None) -> list[Tensor]:
+        """Outputs coarse to fine. neighbours: the 4-NN indices of each level (0 = full resolution), as
+        trainer.onnx.neighbours computes them outside an exported graph; by default searched here."""
         H, W = rgb.shape[-2:]
         if H % 32 or W % 32:
             raise ValueError(f"height and width must be multiples of 32, got {H}x{W}")
@@ -477,7 +485,8 @@ class BPNet(nn.Module):
         outputs = []
         feat = depth = None
         for lv in range(NUM_LEVELS - 1, -1, -1):
-            feat, depth = getattr(self, f"pred{lv}")(feat, depth, skips[lv], sparse, K)
+            idx = None if neighbours is None else neighbours[lv]
+            feat, depth = getattr(self, f"pred{lv}")(feat, depth, skips[lv], sparse, K, idx)
             up = depth if lv == 0 else F.interpolate(depth, scale_factor=2**lv, mode="bilinear", align_corners=True)
             outputs.append(up)
         return outputs
