@@ -90,6 +90,8 @@ class Preset:
     n_val: int = 16         # validation scenes (their own datagen seed; target rig, dense GT)
     val_every: int = 50     # steps between validations of every training run (and at each run's end); one
     #                         validation of 16 small frames costs about 3-5 training steps (docs/trainer.md)
+    lambda_ssi: float = 1.0  # the teacher terms' weights in the variants that use them (full, finetune_only)
+    lambda_reg: float = 0.5
 
 
 PRESETS = {
@@ -199,16 +201,21 @@ def datagen_command(p: Preset, kind: str, n: int, dest: Path) -> list[str]:
     return [tool("datagen"), "run", *common, *extra]
 
 
-def generate(p: Preset, out: Path, pretrain_root: Path, log: Path,
-             stage_s: dict) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """The four sets (their directories) and the datagen command of each; wall times into stage_s."""
+def generate(p: Preset, out: Path, pretrain_root: Path, log: Path, stage_s: dict,
+             pretrain: bool = True) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """The four sets (their directories) and the datagen command of each; wall times into stage_s. Without
+    `pretrain` (--pretrained runs given) the unlabelled set is neither made nor inspected."""
     sets = {"pretrain": (p.n_pretrain, pretrain_root), "finetune": (p.n_finetune, out / "data" / "finetune"),
             "eval": (p.n_eval, out / "data" / "eval"), "val": (p.n_val, out / "data" / "val")}
+    if not pretrain:
+        del sets["pretrain"]
     dirs, commands = {}, {}
     for kind, (n, dest) in sets.items():
         commands[kind] = datagen_command(p, kind, n, dest)
         stage_s[f"datagen_{kind}"] = run(commands[kind], log)
         dirs[kind] = dest / "synthetic"
+    if not pretrain:
+        return dirs, commands
     # what a person looks at first: the pre-training shards, as `datagen inspect` shows them
     stage_s["datagen_inspect"] = run(
         [tool("datagen"), "inspect", str(dirs["pretrain"]), "--preview", str(out / "shards_preview.png"),
@@ -237,13 +244,15 @@ def check_seeds(p: Preset) -> None:
 
 
 def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int, stage_s: dict,
-          threads: int | None = None, use: str = "latest", jobs: int = 1) -> dict[str, list[Path]]:
+          threads: int | None = None, use: str = "latest", jobs: int = 1,
+          pretrained: list[Path] | None = None) -> dict[str, list[Path]]:
     """Run directories per variant: one per pre-training seed for pretrain_only, one per fine-tuning seed for
     the others. Every run is validated on data["val"] (its top `top_rows` rows too). Fine-tuning seed s
     starts from pre-training seed s (or from the one pre-training run), from its latest checkpoint or, with
     use="best", from the one with the lowest validation RMSE. `jobs` runs at a time: the pre-training runs,
     then the fine-tuning runs (each run's result depends only on its own seed and --threads, not on what
-    runs beside it). Wall times into stage_s."""
+    runs beside it). Wall times into stage_s. `pretrained`: existing pre-training runs (one per pre-training
+    seed) to fine-tune from instead of training them."""
     check_seeds(p)
     common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop,
               "--val-shards", str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
@@ -251,12 +260,17 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
     def threads_of(runs: int) -> list[str]:
         return ["--threads", str(parallelism(jobs, threads, runs)[1])]
 
-    pre_runs = [out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
-                for ps in range(p.pretrain_seeds)]
-    stage_s.update(run_all({pre.name: [tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out",
-                                       str(pre), "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr),
-                                       "--seed", str(ps), *common, *threads_of(p.pretrain_seeds)]
-                            for ps, pre in enumerate(pre_runs)}, log, jobs))
+    if pretrained:
+        if len(pretrained) != p.pretrain_seeds:
+            raise SystemExit(f"--pretrained names {len(pretrained)} run(s); --pretrain-seeds is {p.pretrain_seeds}")
+        pre_runs = list(pretrained)
+    else:
+        pre_runs = [out / "runs" / ("pretrain" if p.pretrain_seeds == 1 else f"pretrain-seed{ps}")
+                    for ps in range(p.pretrain_seeds)]
+        stage_s.update(run_all({pre.name: [tool("trainer"), "pretrain", "--shards", str(data["pretrain"]), "--out",
+                                           str(pre), "--steps", str(p.pretrain_steps), "--lr", str(p.pretrain_lr),
+                                           "--seed", str(ps), *common, *threads_of(p.pretrain_seeds)]
+                                for ps, pre in enumerate(pre_runs)}, log, jobs))
     runs: dict[str, list[Path]] = {"pretrain_only": pre_runs, "finetune_only": [], "pretrain_sup": [], "full": []}
     cmds = {}
     for seed in range(p.seeds):
@@ -265,8 +279,9 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
         ft = ["--shards", str(data["finetune"]), "--steps", str(p.finetune_steps), "--lr", str(p.finetune_lr),
               "--seed", str(seed), *common]
         suffix = f"-seed{seed}" if p.seeds > 1 else ""
-        variants = {"finetune_only": [], "pretrain_sup": ["--init", init, "--lambda-ssi", "0", "--lambda-reg", "0"],
-                    "full": ["--init", init]}
+        teacher = ["--lambda-ssi", str(p.lambda_ssi), "--lambda-reg", str(p.lambda_reg)]
+        variants = {"finetune_only": teacher, "pretrain_sup": ["--init", init, "--lambda-ssi", "0", "--lambda-reg", "0"],
+                    "full": ["--init", init, *teacher]}
         for v, extra in variants.items():
             run_dir = out / "runs" / f"{v}{suffix}"
             cmds[run_dir.name] = [tool("trainer"), "finetune", *ft, *extra, "--out", str(run_dir),
@@ -530,6 +545,12 @@ def main() -> None:
     ap.add_argument("--crop", default=None, help="training crop HxW (multiples of 32)")
     ap.add_argument("--pretrain-lr", type=float, default=None)
     ap.add_argument("--finetune-lr", type=float, default=None)
+    ap.add_argument("--lambda-ssi", type=float, default=None, help="L_SSI's weight in the full method (and "
+                    "fine-tuning only)")
+    ap.add_argument("--lambda-reg", type=float, default=None, help="L_reg's weight, likewise")
+    ap.add_argument("--pretrained", type=Path, nargs="+", default=None, metavar="RUN",
+                    help="fine-tune from these pre-training runs (one per --pretrain-seeds, e.g. an earlier "
+                         "ablation's runs/pretrain) instead of making the unlabelled set and pre-training")
     ap.add_argument("--pretrain-shards", type=Path, default=None,
                     help="where the unlabelled set goes (demo: shards/, i.e. shards/synthetic)")
     ap.add_argument("--threads", type=int, default=None,
@@ -565,11 +586,11 @@ def main() -> None:
     t0 = time.time()
     timings, stage_s = {"load_average_at_start": list(os.getloadavg())}, {}
     pretrain_root = args.pretrain_shards or (ROOT / "shards" if args.preset == "demo" else out / "data" / "pretrain")
-    data, commands = generate(p, out, pretrain_root, log, stage_s)
+    data, commands = generate(p, out, pretrain_root, log, stage_s, pretrain=not args.pretrained)
     timings["generate_s"] = time.time() - t0
     top_rows = unlabelled_rows(data["finetune"])
     jobs = parallelism(args.jobs, args.threads, 1)[0]
-    runs = train(p, data, out, log, top_rows, stage_s, args.threads, args.checkpoint, jobs)
+    runs = train(p, data, out, log, top_rows, stage_s, args.threads, args.checkpoint, jobs, args.pretrained)
     timings["train_s"] = time.time() - t0 - timings["generate_s"]
     preds = {v: [out / "predictions" / r.name for r in run_dirs] for v, run_dirs in runs.items()}
     predict = {f"predict_{r.name}": [tool("trainer"), "predict", "--ckpt",
@@ -590,6 +611,7 @@ def main() -> None:
     results = {
         "preset": args.preset, "config": asdict(p), "timings": timings, "machine": machine(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "pretrained": [str(r) for r in args.pretrained] if args.pretrained else None,
         "heldout_command": commands["eval"],
         "val_command": commands["val"],
         "no_label_region": f"top {top_rows} of {p.height} rows (above every label of the fine-tuning set)",

@@ -196,6 +196,26 @@ def test_every_training_run_is_validated_and_seeded(ablation, tmp_path, monkeypa
         ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {})
 
 
+def test_pretrained_runs_are_fine_tuned_from_and_the_teacher_weights_pass_on(ablation, tmp_path, monkeypatch):
+    """--pretrained: no pre-training command, fine-tuning starts from the given runs, which are the zero-shot
+    variant's; the preset's lambda_ssi / lambda_reg reach the full method and fine-tuning only, not L_sup only."""
+    calls = []
+    monkeypatch.setattr(ablation, "run", lambda cmd, log, **kw: calls.append(cmd) or 1.0)
+    p = ablation.Preset(**{**ablation.asdict(ablation.PRESETS["demo"]), "seeds": 2, "pretrain_seeds": 1,
+                           "lambda_ssi": 0.1, "lambda_reg": 0.05})
+    data = {k: tmp_path / k for k in ("finetune", "eval", "val")}
+    given = [tmp_path / "earlier" / "runs" / "pretrain"]
+    runs = ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {}, threads=1, pretrained=given)
+    assert [c[1] for c in calls] == ["finetune"] * 6 and runs["pretrain_only"] == given
+    args = {c[c.index("--out") + 1].rsplit("/", 1)[-1]: dict(zip(c[2::1], c[3::1], strict=False)) for c in calls}
+    assert args["full-seed1"]["--init"] == str(given[0]) and "--init" not in args["finetune_only-seed0"]
+    for name in ("full-seed0", "finetune_only-seed1"):
+        assert (args[name]["--lambda-ssi"], args[name]["--lambda-reg"]) == ("0.1", "0.05")
+    assert (args["pretrain_sup-seed0"]["--lambda-ssi"], args["pretrain_sup-seed0"]["--lambda-reg"]) == ("0", "0")
+    with pytest.raises(SystemExit, match="--pretrained names 2"):
+        ablation.train(p, data, tmp_path / "out", tmp_path / "log.txt", 38, {}, pretrained=given * 2)
+
+
 def test_rounding_spread_compares_runs_seed_by_seed(ablation):
     def results(full_rmse):
         per_seed = {r: {m: [1.0, 1.0] for m in ablation.METRICS} for r in ablation.REGIONS}
