@@ -107,10 +107,14 @@ PRESETS = {
                    seeds=2, pretrain_seeds=2),
     # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network, two fine-tuning seeds from
     # one pre-training run (a second pre-training run would not fit); under 2 h on 2 CPU cores
-    # (`make bench-synthetic SCALE=cpu`; its table and curves are in the README).
+    # (`make bench-synthetic SCALE=cpu`; its table and curves are in the README). The teacher terms'
+    # weights are a tenth of the trainer's defaults (lambda_ssi 0.1, lambda_reg 0.05): chosen on the
+    # validation seed from a sweep of 1, 0.3, 0.1, 0.03 and the 1/m penalty, fine-tuning seed 0 from the
+    # same pre-training run (docs/trainer.md, "Choosing the teacher terms' weights").
     "cpu": Preset(width=384, height=128, n_pretrain=1500, n_finetune=200, n_eval=100, model="bpnet-s",
                   crop="64x192", batch_size=8, pretrain_steps=1000, finetune_steps=200,
-                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=2, n_val=32, val_every=100),
+                  pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=2, n_val=32, val_every=50,
+                  lambda_ssi=0.1, lambda_reg=0.05),
     "bench": Preset(width=608, height=192, n_pretrain=4000, n_finetune=400, n_eval=200, model="bpnet-s",
                     crop="192x608", batch_size=8, pretrain_steps=4000, finetune_steps=1500,
                     pretrain_lr=1e-3, finetune_lr=5e-4, shard_size=100, seeds=3, n_val=32, val_every=250),
