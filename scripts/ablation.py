@@ -100,11 +100,13 @@ PRESETS = {
     # pre-training runs; fine-tuning seed s starts from pre-training seed s's best validation checkpoint).
     # Steps from the validation curves of a 300 + 120 step run (docs/trainer.md, "Choosing the budget"):
     # fine-tuning's validation RMSE did not improve after step 50 in any pre-trained run, pre-training's
-    # flattened by 150-250 steps in one seed and kept swinging in the other.
+    # flattened by 150-250 steps in one seed and kept swinging in the other. The teacher terms at a tenth
+    # of the trainer's weights, as the cpu preset (below): checked on the demo's validation scenes, both
+    # seeds (docs/trainer.md, "Choosing the teacher terms' weights").
     "demo": Preset(width=384, height=128, n_pretrain=300, n_finetune=48, n_eval=32, model="tiny",
                    crop="64x192", batch_size=8, pretrain_steps=250, finetune_steps=60,
                    pretrain_lr=2e-3, finetune_lr=1e-3, shard_size=50, n_val=16, val_every=50,
-                   seeds=2, pretrain_seeds=2),
+                   seeds=2, pretrain_seeds=2, lambda_ssi=0.1, lambda_reg=0.05),
     # cpu: the demo's frame and crop with ~5x the data, the bpnet-s network, two fine-tuning seeds from
     # one pre-training run (a second pre-training run would not fit); under 2 h on 2 CPU cores
     # (`make bench-synthetic SCALE=cpu`; its table and curves are in the README). The teacher terms'
