@@ -85,53 +85,41 @@ def test_a_plugin_network_is_refused_with_a_clear_error():
         graph_module(torch.nn.Conv2d(1, 1, 1))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def test_cli_export_matches_pytorch_carries_metadata_and_completes_a_frame(tmp_path):
+    """One export (it is the slow part; one test so that one worker pays for it): `trainer export --onnx`
+    passes its own check on three sizes; a fourth size, larger than any the export saw, agrees too; the
+    checkpoint's metadata travels; the ONNX completer gives what load_completer gives on a 70 x 90 frame
+    from a real shard sample (not a multiple of 32: padded and cut back)."""
+    import onnxruntime as ort
+
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("onnx")
     model = calibrated_tiny()
     sd = model.state_dict()
     meta = {"model_name": "tiny", "model_config": model_config_dict(model), "stage": "finetune",
             "convention": "kitti", "provenance": [{"source": "synthetic", "teacher": {"id": "oracle"}}]}
-    ckpt.save_checkpoint(root / "run", 1, sd, {k: v.clone() for k, v in sd.items()}, meta, state={"step": 1})
-    result = runner.invoke(app, ["export", "--ckpt", str(root / "run"), "--onnx", str(root / "net.onnx")])
+    ckpt.save_checkpoint(tmp_path / "run", 1, sd, {k: v.clone() for k, v in sd.items()}, meta, state={"step": 1})
+    result = runner.invoke(app, ["export", "--ckpt", str(tmp_path / "run"), "--onnx", str(tmp_path / "net.onnx")])
     assert result.exit_code == 0, result.output
-    return root, result.output
+    assert "max relative error" in result.output
 
-
-def test_export_matches_pytorch_on_other_sizes(exported):
-    """The CLI's own check passed (three sizes, dynamic H and W), and a fourth size, larger than any the
-    export saw, agrees too."""
-    root, output = exported
-    assert "max relative error" in output
-    graph = graph_module(calibrated_tiny())
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(root / "net.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     args = example_inputs(160, 448, seed=9)
     with torch.no_grad():
-        ref = graph(*args).numpy()
+        ref = graph_module(calibrated_tiny())(*args).numpy()
     got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})[0]
     assert got.shape == ref.shape == (1, 1, 160, 448)
     assert np.abs(got - ref).max() <= MAX_REL_ERR * np.abs(ref).max()
 
-
-def test_export_carries_the_checkpoint_metadata(exported):
-    root, _ = exported
-    meta = read_onnx_metadata(root / "net.onnx")
+    meta = read_onnx_metadata(tmp_path / "net.onnx")
     assert meta["convention"] == "kitti" and meta["model_name"] == "tiny"
     assert build_model(meta["model_config"]).config == build_model("tiny").config
     assert meta["provenance"][0]["teacher"]["id"] == "oracle"
     assert meta["dmd3c"]["graph_inputs"][:3] == ["rgb", "sparse", "K"]
 
-
-def test_onnx_completer_equals_the_pytorch_completer(exported, tmp_path):
-    """On a 70 x 90 frame (not a multiple of 32: padded and cut back), from a real shard sample."""
-    root, _ = exported
     write_shards(tmp_path / "shards", 1, 1, seed=3, h=70, w=90)
     s = next(iter(iter_samples(str(tmp_path / "shards"))))
-    ref = load_completer(root / "run")(s.rgb, s.sparse, s.K)
-    got = load_onnx_completer(root / "net.onnx")(s.rgb, s.sparse, s.K)
+    ref = load_completer(tmp_path / "run")(s.rgb, s.sparse, s.K)
+    got = load_onnx_completer(tmp_path / "net.onnx")(s.rgb, s.sparse, s.K)
     assert got.shape == ref.shape == (70, 90)
     assert np.abs(got - ref).max() <= MAX_REL_ERR * np.abs(ref).max()
 
