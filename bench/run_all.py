@@ -55,7 +55,7 @@ SCRIPTS = {
     "train": ("train.py", [], 600),
     "rescan": ("rescan.py", [], 420),
     "ops": ("ops.py", [], 240),
-    "onnx": ("onnx.py", [], 600),
+    "onnx": ("onnx_export.py", [], 600),
     "calibration": ("teacher_calibration.py", [], 300),
 }
 
