@@ -415,7 +415,7 @@ class Level(nn.Module):
     def forward(self, feat: Tensor | None, depth: Tensor | None, skip: Tensor, sparse: Tensor, K: Tensor,
                 idx: Tensor | None = None):
         """idx: this level's 4-NN indices (B x 4 x h*w) when the caller has them (an ONNX graph: knn4's
-        data-dependent search runs outside it, trainer.onnx.neighbours), else computed here."""
+        data-dependent search runs outside it, trainer.onnx_export.neighbours), else computed here."""
         feat = skip if self.upcat is None else self.upcat(skip, feat, depth)
         sparse = sparse if self.wpool is None else self.wpool(sparse, feat)
         K = K.clone()
@@ -472,7 +472,7 @@ class BPNet(nn.Module):
 
     def forward(self, rgb: Tensor, sparse: Tensor, K: Tensor, neighbours: list[Tensor] | None = None) -> list[Tensor]:
         """Outputs coarse to fine. neighbours: the 4-NN indices of each level (0 = full resolution), as
-        trainer.onnx.neighbours computes them outside an exported graph; by default searched here."""
+        trainer.onnx_export.neighbours computes them outside an exported graph; by default searched here."""
         H, W = rgb.shape[-2:]
         if H % 32 or W % 32:
             raise ValueError(f"height and width must be multiples of 32, got {H}x{W}")

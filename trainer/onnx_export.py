@@ -16,7 +16,7 @@ The graph (opset: the installed exporter's default) takes
 
 and returns `depth`, B x 1 x H x W float32 metres (the finest output, in the network's input convention
 undone: the graph normalises the image and scales the depth itself). H and W are dynamic: any multiples of
-32 (pad bottom/right first, as trainer.data.eval_frame does; OnnxCompleter does it for you); B is fixed at 1.
+32 (pad bottom/right first, as trainer.data.eval_frame does; load_onnx_completer does it for you); B is 1.
 
 Why the 4-NN search is outside the graph: it is a data-dependent search (how many points a frame has, where
 they are) that PyTorch runs with SciPy's KD-tree on a CPU; traced into a graph it would either freeze the
@@ -211,20 +211,21 @@ def _session(path: str | os.PathLike, threads: int | None = None):
 
 def export_onnx(ckpt: str, out: str | os.PathLike, which: str = "ema", check: bool = True) -> dict:
     """`trainer export --onnx`: the checkpoint's (EMA) network as one .onnx file, checked (export_graph)."""
-    from trainer.checkpoint import read_metadata
     from trainer.evaluate import load_for_inference
 
-    model, info = load_for_inference(str(ckpt), which=which, device="cpu")
-    meta = read_metadata(ckpt) if Path(ckpt).suffix not in (".pth", ".pt") else {}
-    metadata = {k: meta[k] for k in METADATA_KEYS if k in meta}
+    model, info = load_for_inference(str(ckpt), which=which, device="cpu")  # info: the checkpoint's metadata
+    metadata = {k: info[k] for k in METADATA_KEYS if k in info}
     metadata.update(convention=info["convention"], weights=which)
     return export_graph(model, out, info["convention"], metadata, check)
 
 
+def _metadata(session) -> dict:
+    return {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+
+
 def read_onnx_metadata(path: str | os.PathLike) -> dict:
     """The metadata_props of an export, JSON-decoded (model_config, convention, provenance, ...)."""
-    session = _session(path)
-    return {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    return _metadata(_session(path))
 
 
 @dataclass
@@ -249,7 +250,7 @@ def load_onnx_completer(path: str | os.PathLike, threads: int | None = None):
     from trainer.provenance import warn_noncommercial
 
     session = _session(path, threads)
-    info = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    info = _metadata(session)
     if "dmd3c" not in info:
         raise OnnxExportError(f"{path}: not an export of `trainer export --onnx` (no dmd3c metadata)")
     warn_noncommercial(info, str(path))

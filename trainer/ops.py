@@ -528,9 +528,9 @@ def _propagate_graph(h: Tensor, h0: Tensor, w: Tensor, m: Tensor, steps: int, mi
     values up to the order of the sum over the taps (float rounding)."""
     T = w.shape[1]
     k = int(round((T + 1) ** 0.5))
-    r, half = k // 2, (k * k - 1) // 2
+    r = k // 2
     v = w / (w.abs().sum(dim=1, keepdim=True) + eps)
-    kernel = torch.cat([v[:, :half], 1 - v.sum(dim=1, keepdim=True), v[:, half:]], dim=1)
+    kernel = torch.cat(_taps(v, 1 - v.sum(dim=1, keepdim=True), k), dim=1)  # _Propagate's kernel, as channels
     shift = torch.eye(k * k, dtype=h.dtype, device=h.device).view(k * k, 1, k, k)
     x = x_mid = h
     for i in range(steps):
