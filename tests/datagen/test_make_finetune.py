@@ -1,5 +1,7 @@
 """`make finetune-kitti` and `make finetune-nyu` end to end: tiny fake trees in the real layouts, a tiny
-random Depth Anything teacher, the tiny network and 2 steps. Make runs in a subprocess with this very
+random Depth Anything teacher, the tiny network and 2 steps; datagen with --workers 0 (its shard tasks in
+its own process: Ray's start-up would be most of the test, and tests/datagen/test_pipeline.py covers the
+same tasks under Ray). Make runs in a subprocess with this very
 interpreter's venv (VENV/BIN) and `-o <stamp>`, so the setup step is never redone (no network here).
 
 It lives in tests/datagen because it uses the datagen fixtures and builds the teacher with transformers;
@@ -88,11 +90,12 @@ def test_missing_or_wrong_root_fails_before_any_work(tmp_path):
     assert not shards.exists() and not out.exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_finetune_kitti_end_to_end(tmp_path, tiny_da):
     tree = make_kitti(tmp_path / "kitti", drives=1, frames=2, splits=("train",), selection=2, test=0)
     shards, out = tmp_path / "shards", tmp_path / "run"
     args = dict(KITTI_ROOT=tree["root"], TEACHER=tiny_da, MODEL="tiny", STEPS=2, OUT=out, SHARDS=shards,
-                CROP="64x96", BATCH_SIZE=2, TRAIN_ARGS="--workers 0 --quiet")
+                CROP="64x96", BATCH_SIZE=2, TRAIN_ARGS="--workers 0 --quiet", DATAGEN_ARGS="--workers 0")
     res = make("finetune-kitti", **args)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -122,11 +125,12 @@ def test_finetune_kitti_end_to_end(tmp_path, tiny_da):
     assert "+ datagen.cli run" not in res.stderr
 
 
+@pytest.mark.slow
 def test_finetune_nyu_end_to_end(tmp_path, tiny_da):
     tree = make_nyu(tmp_path / "nyu", splits=("train", "val"), frames=2)  # 64 x 48 frames
     shards, out = tmp_path / "shards", tmp_path / "run"
     res = make("finetune-nyu", NYU_ROOT=tree["root"], TEACHER=tiny_da, MODEL="tiny", STEPS=2, OUT=out,
-               SHARDS=shards, CROP="32x64", BATCH_SIZE=2, TRAIN_ARGS="--workers 0 --quiet")
+               SHARDS=shards, CROP="32x64", BATCH_SIZE=2, TRAIN_ARGS="--workers 0 --quiet", DATAGEN_ARGS="--workers 0")
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(manifest_keys(shards / "nyu-train" / "nyu")) == 2
     val_keys = [f"nyu-val_official_{p['path'].stem}" for p in tree["splits"]["val"]["items"]]
