@@ -71,8 +71,8 @@ bench-synthetic: setup
 	$(BIN)/python scripts/ablation.py --preset $(SCALE) $(ARGS)
 
 # What a new scan every epoch does (trainer pretrain --lidar): stored scans vs re-simulated ones vs the target
-# rig's pattern only, zero-shot and fine-tuned, with the sparsity sweep. SCALE as above (demo: ~45 min on
-# 2 CPU cores with 3 seeds); ARGS="--seeds 5". Output: runs/rescan-$(SCALE)/results.md.
+# rig's pattern only, zero-shot and fine-tuned, with the sparsity sweep. SCALE as above (demo: 68.5 min on
+# 2 CPU cores with ARGS="--seeds 4", the README's table; the default is 3 seeds). Output: runs/rescan-$(SCALE)/.
 study-rescan: setup
 	$(BIN)/python scripts/rescan_study.py --preset $(SCALE) $(ARGS)
 

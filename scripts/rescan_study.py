@@ -1,6 +1,6 @@
 """What a new scan every epoch does, measured on the synthetic world (`trainer pretrain --lidar`).
 
-    python scripts/rescan_study.py --preset demo --seeds 3     # `make study-rescan`: ~45 min on 2 CPU cores
+    python scripts/rescan_study.py --preset demo --seeds 4     # ~70 min on 2 CPU cores (measured, 4 seeds)
     python scripts/rescan_study.py --data runs/demo            # reuse an ablation's sets (and its shards)
 
 Three pre-training variants, each run with the same shards, steps, learning rate and seeds (data order,
