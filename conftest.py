@@ -17,14 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` (the longest, from `pytest --durations`) run first, the rest in their order. With
-    pytest-xdist the first tests go out to the workers in turn, so the long ones start at once and the short
-    ones fill in around them; collected last, one long test ran alone at the end while the other worker sat
-    idle. (Every worker sorts alike, so their collections still agree.)"""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The endpoint URL of a moto S3 server, with AWS_* set for this process and the ones it starts."""

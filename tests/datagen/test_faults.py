@@ -84,7 +84,6 @@ def kill_after_progress(out: Path, rng: np.random.Generator, log: Path) -> int:
     return len(list(job.glob("*.tar")))
 
 
-@pytest.mark.slow
 def test_two_sigkills_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = reference(tmp_path / "ref")
     n_shards = -(-N // SHARD)

@@ -90,7 +90,6 @@ def test_missing_or_wrong_root_fails_before_any_work(tmp_path):
     assert not shards.exists() and not out.exists()  # nothing was started
 
 
-@pytest.mark.slow
 def test_finetune_kitti_end_to_end(tmp_path, tiny_da):
     tree = make_kitti(tmp_path / "kitti", drives=1, frames=2, splits=("train",), selection=2, test=0)
     shards, out = tmp_path / "shards", tmp_path / "run"
@@ -125,7 +124,6 @@ def test_finetune_kitti_end_to_end(tmp_path, tiny_da):
     assert "+ datagen.cli run" not in res.stderr
 
 
-@pytest.mark.slow
 def test_finetune_nyu_end_to_end(tmp_path, tiny_da):
     tree = make_nyu(tmp_path / "nyu", splits=("train", "val"), frames=2)  # 64 x 48 frames
     shards, out = tmp_path / "shards", tmp_path / "run"

@@ -229,7 +229,6 @@ def objects(prefix: str) -> dict[str, tuple[bytes, str]]:
     return {storage.basename(u): (storage.read_bytes(u), fs.info(u)["ETag"]) for u in list_shards(prefix + "/")}
 
 
-@pytest.mark.slow
 def test_a_job_to_s3_killed_and_rerun_equals_an_uninterrupted_run(tmp_path, s3_bucket, ray_session):
     ref = run(RunConfig(**CFG, out=str(tmp_path / "ref")))
     ref_dir = tmp_path / "ref" / "synthetic"
@@ -304,7 +303,6 @@ def local_reference(out, n: int = N, shard: int = SHARD):
     return job
 
 
-@pytest.mark.slow
 def test_a_job_to_a_throttling_flaky_store_writes_what_a_run_without_faults_writes(tmp_path, s3_bucket,
                                                                                    fault_proxy, monkeypatch):
     """`datagen run --out s3://... --workers 2` while a fifth of the requests of the driver and of its Ray

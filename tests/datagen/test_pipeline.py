@@ -136,7 +136,6 @@ def test_synthetic_oracle_deterministic_and_resumable(tmp_path):
         run(RunConfig(**SYN, out=str(tmp_path / "a"), limit=7, shard_size=3, seed=1))
 
 
-@pytest.mark.slow
 def test_folder_with_bad_images(tmp_path, tiny_da):
     tree = make_folder(tmp_path / "tree")
     zoo = make_bad_images(tmp_path / "tree" / "zoo")
@@ -199,7 +198,6 @@ def test_kitti_labelled(tmp_path, tiny_da):
     assert all(r["lidar"] is None for r in manifest)
 
 
-@pytest.mark.slow
 def test_nyu_labelled(tmp_path, tiny_da):
     tree = make_nyu(tmp_path / "nyu", splits=("train",), frames=3)
     items = get_source("nyu", tmp_path / "nyu").items()

@@ -61,7 +61,6 @@ def kill_midway(out: Path) -> dict[str, bytes]:
     return finished
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     items = get_source("synthetic", None, count=N, seed=3, width=96, height=64).items()
     ref = run(RunConfig(**CFG, out=str(tmp_path / "ref")))

@@ -68,7 +68,6 @@ def datagen_run(address: str, env: dict, cwd, *args: str) -> subprocess.Complete
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_a_job_on_two_nodes_without_the_project_reads_and_writes_s3(cluster, s3_bucket, tmp_path):
     address, env = cluster
     tree = make_folder(tmp_path / "photos")

@@ -107,7 +107,6 @@ EXPECTED = {"read": b"one" * 1000, "stream": b"one" * 1000, "exists": (True, Fal
             "removed": 1, "after": ["a.bin", "sub/c.bin", "table.parquet"]}
 
 
-@pytest.mark.slow
 def test_every_operation_gets_through_every_kind_of_transient_fault(s3_bucket, fault_proxy):
     """A third of the requests fail, each kind several times (the same request up to twice running): every
     operation gives what it gives without faults, nothing is lost or duplicated."""

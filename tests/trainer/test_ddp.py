@@ -133,7 +133,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> str:
     return path.read_text()
 
 
-@pytest.mark.slow
 def test_a_rank_killed_inside_a_checkpoint_write_is_restarted_and_ends_with_the_uninterrupted_weights(tmp_path,
                                                                                                    two_rank_run):
     """Rank 0 is SIGKILLed half-way through writing checkpoint 4's weights. torchrun (--max-restarts 3)

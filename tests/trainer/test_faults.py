@@ -19,7 +19,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import write_shards
 
@@ -69,7 +68,6 @@ def weights(path) -> dict[str, torch.Tensor]:
     return {**{f"model.{k}": v for k, v in model.items()}, **{f"ema.{k}": v for k, v in ema.items()}}
 
 
-@pytest.mark.slow
 def test_sigkill_during_each_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path):
     straight = train(config(tmp_path, "straight"))
     want = weights(straight["checkpoint"])

@@ -46,7 +46,6 @@ def report_rows(text: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-@pytest.mark.slow
 def test_cpu_mode_runs_every_part_green_and_leaves_the_gpu_results_alone(tmp_path):
     gpu_results = ROOT / "bench" / "RESULTS-gpu.md"
     before = gpu_results.read_bytes() if gpu_results.exists() else None

@@ -130,7 +130,6 @@ def test_a_url_where_a_local_path_is_expected_is_refused(tmp_path, monkeypatch):
 # a throttling, flaky store (tests/s3faults.py's proxy in front of the S3 server)
 
 
-@pytest.mark.slow
 def test_pretrain_through_a_flaky_store_reads_every_sample_and_equals_a_local_run(tmp_path, s3_bucket,
                                                                                    fault_proxy, monkeypatch):
     """`trainer pretrain --shards s3://...` with 2 DataLoader workers while a quarter of the requests fail

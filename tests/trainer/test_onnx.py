@@ -85,7 +85,6 @@ def test_a_plugin_network_is_refused_with_a_clear_error():
         graph_module(torch.nn.Conv2d(1, 1, 1))
 
 
-@pytest.mark.slow
 def test_cli_export_matches_pytorch_carries_metadata_and_completes_a_frame(tmp_path):
     """One export (it is the slow part; one test so that one worker pays for it): `trainer export --onnx`
     passes its own check on three sizes; a fourth size, larger than any the export saw, agrees too; the

@@ -74,7 +74,6 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "ckpt-0000006.safetensors"
 
 
-@pytest.mark.slow
 def test_state_file_loads_with_weights_only_and_rebuilds_the_network(tmp_path):
     summary = train(dataclasses.replace(base_config(tmp_path, 0), out=str(tmp_path / "run"), steps=2))
     state = torch.load(ckpt.state_path_for(summary["checkpoint"]), weights_only=True)

@@ -25,7 +25,6 @@ def logged_losses(out) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-@pytest.mark.slow
 def test_tiny_model_overfits_one_fixed_batch(tmp_path):
     cfg = fixed_batch_config(tmp_path, "pretrain", steps=30, lr=1e-2)
     summary = train(cfg)
