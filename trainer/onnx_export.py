@@ -209,14 +209,15 @@ def _session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(ckpt: str, out: str | os.PathLike, which: str = "ema", check: bool = True) -> dict:
+def export_onnx(ckpt: str, out: str | os.PathLike, which: str = "ema", check: bool = True,
+                optimize: bool = True) -> dict:
     """`trainer export --onnx`: the checkpoint's (EMA) network as one .onnx file, checked (export_graph)."""
     from trainer.evaluate import load_for_inference
 
     model, info = load_for_inference(str(ckpt), which=which, device="cpu")  # info: the checkpoint's metadata
     metadata = {k: info[k] for k in METADATA_KEYS if k in info}
     metadata.update(convention=info["convention"], weights=which)
-    return export_graph(model, out, info["convention"], metadata, check)
+    return export_graph(model, out, info["convention"], metadata, check, optimize)
 
 
 def _metadata(session) -> dict:

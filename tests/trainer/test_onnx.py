@@ -98,7 +98,10 @@ def test_cli_export_matches_pytorch_carries_metadata_and_completes_a_frame(tmp_p
     meta = {"model_name": "tiny", "model_config": model_config_dict(model), "stage": "finetune",
             "convention": "kitti", "provenance": [{"source": "synthetic", "teacher": {"id": "oracle"}}]}
     ckpt.save_checkpoint(tmp_path / "run", 1, sd, {k: v.clone() for k, v in sd.items()}, meta, state={"step": 1})
-    result = runner.invoke(app, ["export", "--ckpt", str(tmp_path / "run"), "--onnx", str(tmp_path / "net.onnx")])
+    # --no-onnx-optimize: onnxscript's clean-up is half the export's time here (48 s against 91 s); the graph
+    # it tidies is the same network, and every export is checked in onnxruntime either way
+    result = runner.invoke(app, ["export", "--ckpt", str(tmp_path / "run"), "--onnx", str(tmp_path / "net.onnx"),
+                                 "--no-onnx-optimize"])
     assert result.exit_code == 0, result.output
     assert "max relative error" in result.output
 
