@@ -253,6 +253,12 @@ def check_seeds(p: Preset) -> None:
                          f"from pre-training seed s, or all from the one pre-training run; got {p.pretrain_seeds}")
 
 
+def run_args(p: Preset, data: dict[str, Path], top_rows: int) -> list[str]:
+    """The trainer options every training run of the preset shares: network, batch, crop, validation."""
+    return ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop, "--val-shards", str(data["val"]),
+            "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
+
+
 def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int, stage_s: dict,
           threads: int | None = None, use: str = "latest", jobs: int = 1,
           pretrained: list[Path] | None = None) -> dict[str, list[Path]]:
@@ -264,8 +270,7 @@ def train(p: Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int,
     runs beside it). Wall times into stage_s. `pretrained`: existing pre-training runs (one per pre-training
     seed) to fine-tune from instead of training them."""
     check_seeds(p)
-    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop,
-              "--val-shards", str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
+    common = run_args(p, data, top_rows)
 
     def threads_of(runs: int) -> list[str]:
         return ["--threads", str(parallelism(jobs, threads, runs)[1])]

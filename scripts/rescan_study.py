@@ -106,8 +106,7 @@ def data_sets(p: ablation.Preset, out: Path, reuse: Path | None, pretrain_shards
 def train(p: ablation.Preset, data: dict[str, Path], out: Path, log: Path, top_rows: int, target_file: Path,
           jobs: int, stage_s: dict) -> dict[str, dict[str, list[Path]]]:
     """{stage: {variant: [run dir per seed]}}; a run whose `latest` exists is not trained again."""
-    common = ["--model", p.model, "--batch-size", str(p.batch_size), "--crop", p.crop, "--val-shards",
-              str(data["val"]), "--val-every", str(p.val_every), "--val-top-rows", str(top_rows)]
+    common = ablation.run_args(p, data, top_rows)
     threads = ["--threads", str(ablation.parallelism(jobs, None, 2)[1])]
     runs: dict[str, dict[str, list[Path]]] = {s: {v: [] for v in VARIANTS} for s in STAGES}
     pre_cmds, ft_cmds = {}, {}
@@ -131,30 +130,41 @@ def train(p: ablation.Preset, data: dict[str, Path], out: Path, log: Path, top_r
     return runs
 
 
-def errors_of(run_dir: Path, shards: Path, protocols: list, top_rows: int | None) -> dict:
+def errors_of(run_dir: Path, shards: Path, protocols: list, top_rows: int | None, baseline: bool = False) -> dict:
     """{protocol: {region: {metric: [per scene]}}} of a run's best checkpoint (its EMA weights, as eval and
-    predict use them) under "model", the same for nearest filling of each protocol's input under "nearest",
-    and each protocol's mean input density (share of the frame's pixels) under "density"."""
+    predict use them) under "model". With `baseline` (it depends on the input alone, so one run is enough):
+    the same for nearest filling of each protocol's input under "nearest", and each protocol's mean input
+    density (share of the frame's pixels) under "density"."""
     from trainer.evaluate import InferenceOptions
 
     opts = InferenceOptions()
     model, info = opts.load(ablation.checkpoint_of(run_dir, "best"))
-    out, near, density = {}, {}, {}
+    result = {"model": {}, **({"nearest": {}, "density": {}} if baseline else {})}
     for proto in protocols:
-        per = {r: {m: [] for m in ablation.METRICS} for r in ablation.REGIONS}
-        per_near = {r: {m: [] for m in ablation.METRICS} for r in ablation.REGIONS}
+        maps = {who: {r: {m: [] for m in ablation.METRICS} for r in ablation.REGIONS} for who in result
+                if who != "density"}
         dens = []
         for pred in opts.predictions(model, info, shards, "gt", sparsity=proto):
             dens.append(pred.density)
             region = np.zeros_like(pred.gt, dtype=bool)
             region[:top_rows or 0] = True
+            depths = {"model": pred.depth_m, **({"nearest": nearest_fill(pred.sparse)} if baseline else {})}
             for name, reg in (("overall", np.ones_like(region)), ("no_label", region)):
-                for dest, depth in ((per, pred.depth_m), (per_near, nearest_fill(pred.sparse))):
+                for who, depth in depths.items():
                     e = rmse_mae_m(depth, pred.gt, reg)
                     for m in ablation.METRICS:
-                        dest[name][m].append(e[m] if e else np.nan)
-        out[proto.name], near[proto.name], density[proto.name] = per, per_near, float(np.mean(dens))
-    return {"model": out, "nearest": near, "density": density}
+                        maps[who][name][m].append(e[m] if e else np.nan)
+        for who, per in maps.items():
+            result[who][proto.name] = per
+        if baseline:
+            result["density"][proto.name] = float(np.mean(dens))
+    return result
+
+
+def stacked(per_run: list[dict]) -> dict:
+    """{protocol: {region: {metric: array runs x scenes}}} from errors_of's per-run tables."""
+    return {proto: {r: {m: np.asarray([pr[proto][r][m] for pr in per_run], np.float64) for m in ablation.METRICS}
+                    for r in ablation.REGIONS} for proto in per_run[0]}
 
 
 def stats(arr: np.ndarray) -> dict:
@@ -243,25 +253,23 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    full, sweep = parse_sweep("full"), parse_sweep(SWEEP)
-    errs: dict = {}
+    sets = {"heldout": (data["eval"], parse_sweep("full"), top_rows), "sweep": (data["sweep"], parse_sweep(SWEEP), None)}
+    errs: dict = {stage: {s: {} for s in sets} for stage in runs}
+    nearest, densities = {}, {}
     for stage, by_variant in runs.items():
         for v, run_dirs in by_variant.items():
             print(f"scoring {stage} {v} ({len(run_dirs)} runs)", flush=True)
-            per_run = [(errors_of(r, data["eval"], full, top_rows), errors_of(r, data["sweep"], sweep, None))
-                       for r in run_dirs]
-            for set_name, k in (("heldout", 0), ("sweep", 1)):
-                for who in ("model", "nearest"):
-                    name = v if who == "model" else "nearest"
-                    if who == "nearest" and name in errs.get(stage, {}).get(set_name, {}):
-                        continue
-                    rows = per_run[:1] if who == "nearest" else per_run
-                    errs.setdefault(stage, {}).setdefault(set_name, {})[name] = {
-                        proto: {r: {m: np.asarray([pr[k][who][proto][r][m] for pr in rows], np.float64)
-                                    for m in ablation.METRICS} for r in ablation.REGIONS}
-                        for proto in per_run[0][k][who]}
+            for set_name, (shards, protocols, rows) in sets.items():
+                per_run = [errors_of(r, shards, protocols, rows, baseline=set_name not in nearest and i == 0)
+                           for i, r in enumerate(run_dirs)]
+                if set_name not in nearest:  # the same input for every run: one row, shared by both stages
+                    nearest[set_name] = stacked([per_run[0]["nearest"]])
+                    densities[set_name] = per_run[0]["density"]
+                errs[stage][set_name][v] = stacked([pr["model"] for pr in per_run])
+    for stage in errs:
+        for set_name in sets:
+            errs[stage][set_name]["nearest"] = nearest[set_name]
     summary = summarize(errs, p.bootstrap)
-    densities = {"heldout": per_run[0][0]["density"], "sweep": per_run[0][1]["density"]}
     stage_s["score"] = time.time() - t_score
     results = {"preset": args.preset, "config": {**ablation.asdict(p)}, "seeds": list(range(args.seeds)),
                "variants": VARIANTS, "comparisons": [f"{a}-{b}" for a, b in COMPARISONS], "sweep": SWEEP,
